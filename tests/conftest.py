@@ -1,0 +1,10 @@
+"""Test-wide environment, set before jax or triton are imported.
+
+- Two host devices, so pmap code is tested on CPU.
+- Triton's interpreter, so the Triton kernels run on CPU torch tensors (no GPU in CI).
+"""
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
