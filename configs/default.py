@@ -1,0 +1,91 @@
+"""Shared defaults: the paper's settings (Sec. 2.4, StyleGAN2/EG3D hyper-parameters).
+
+Every other config starts from `get_config()` here and overrides what differs.
+"""
+import ml_collections
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    # Data: an FFHQ-style folder (README "Data"); `synthetic` builds the embedded dataset.
+    c.data = ml_collections.ConfigDict()
+    c.data.path = "data/ffhq"
+    c.data.synthetic = False          # True: render the embedded synthetic dataset when missing
+    c.data.synthetic_num_images = 0
+    c.data.flip = True                # horizontal flip: image, camera and FLAME mirrored
+    c.data.worker_count = 0
+
+    # Head model: None = the embedded template head; paths = the user's FLAME files.
+    c.head = ml_collections.ConfigDict()
+    c.head.flame_model = ml_collections.FieldReference(None, field_type=str)
+    c.head.flame_uv = ml_collections.FieldReference(None, field_type=str)
+    c.head.frame_kind = "consecutive"  # ablation (Tab. 1c): "global" | "naive" | "consecutive"
+
+    # Generator (Sec. 2.2-2.3).
+    c.model = ml_collections.ConfigDict()
+    c.model.z_dim = 512
+    c.model.w_dim = 512
+    c.model.c_dim = 25                 # EG3D-style camera conditioning of the mapping network
+    c.model.mapping_layers = 8
+    c.model.uv_resolution = 256        # F^uv: 256x256x14
+    c.model.mouth_resolution = 64      # F^mouth: 64x64x14
+    c.model.channel_base = 32768
+    c.model.channel_max = 512
+    c.model.mouth_channel_base = 16384
+    c.model.mouth_channel_max = 512
+    c.model.conv_clamp = 256
+    c.model.gd_channels = 32
+    c.model.expression_dims = 50
+    c.model.dtype = "float32"          # "bfloat16": bf16 convolutions, fp32 params
+
+    # Discriminator (EG3D's single camera-conditioned D).
+    c.disc = ml_collections.ConfigDict()
+    c.disc.channel_base = 32768
+    c.disc.channel_max = 512
+    c.disc.conv_clamp = 256
+    c.disc.mbstd_group_size = 4
+
+    # Rendering.
+    c.render = ml_collections.ConfigDict()
+    c.render.resolution = 512
+    c.render.backend = "auto"          # "jax" | "triton" | "auto" (triton on GPU)
+    c.render.background = 1.0          # white background, as FFHQ crops are matted to nothing
+
+    # Losses, Eq. 2.
+    c.loss = ml_collections.ConfigDict()
+    c.loss.lambda_offset = 0.1
+    c.loss.lambda_scale = 0.1
+    c.loss.lambda_gd = 0.001
+    c.loss.lambda_id = 0.1
+    c.loss.r1_gamma = 1.0
+    c.loss.r1_interval = 16
+    # VGG16 for L_ID: a path to weights converted by experiments/convert_vgg16.py, or
+    # "random" (a fixed random-initialised VGG16, an explicit choice logged at start).
+    c.loss.vgg16 = "vgg16.npz"
+
+    # Optimisers (StyleGAN2).
+    c.optim = ml_collections.ConfigDict()
+    c.optim.g_lr = 0.0025
+    c.optim.d_lr = 0.002
+    c.optim.b1 = 0.0
+    c.optim.b2 = 0.99
+    c.optim.eps = 1e-8
+
+    # Schedule.
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 32            # global batch
+    c.train.total_kimg = 25000         # 25M images, as EG3D
+    c.train.ema_kimg = 10.0
+    c.train.ema_rampup = 0.05
+    c.train.style_mixing_prob = 0.9
+    c.train.noise_mode = "random"      # per-layer noise during training: random | const | none
+    c.train.truncation_psi_samples = 1.0
+    c.train.log_every = 100            # steps
+    c.train.checkpoint_every = 1000    # steps
+    c.train.keep_checkpoints = 3
+    c.train.sample_every = 1000
+    c.train.swd_every = 5000
+    c.train.swd_num_images = 1024
+    return c

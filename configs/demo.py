@@ -1,0 +1,45 @@
+"""A small RETA3D that trains on a CPU in minutes, on the embedded synthetic dataset.
+
+Same model and losses as the paper, scaled down: 64² renders, a 64² UV map and a 32² mouth
+patch over the embedded template head, narrow networks, batch 8.
+
+  python launch.py --config=configs/demo.py --workdir=runs/demo
+"""
+from configs import default
+
+
+def get_config():
+    c = default.get_config()
+    c.data.path = "data/synthetic64"
+    c.data.synthetic = True
+    c.data.synthetic_num_images = 512
+    c.data.worker_count = 0
+
+    c.model.z_dim = 64
+    c.model.w_dim = 64
+    c.model.mapping_layers = 2
+    c.model.uv_resolution = 64
+    c.model.mouth_resolution = 32
+    c.model.channel_base = 1024
+    c.model.channel_max = 64
+    c.model.mouth_channel_base = 256
+    c.model.mouth_channel_max = 32
+    c.model.gd_channels = 8
+    c.model.expression_dims = 16
+
+    c.disc.channel_base = 1024
+    c.disc.channel_max = 64
+    c.disc.mbstd_group_size = 4
+
+    c.render.resolution = 64
+    c.render.backend = "jax"
+    c.loss.vgg16 = "random"     # no download: an explicit, fixed random VGG16 (logged)
+
+    c.train.batch_size = 8
+    c.train.total_kimg = 4.0    # 500 steps
+    c.train.log_every = 25
+    c.train.checkpoint_every = 100
+    c.train.sample_every = 250
+    c.train.swd_every = 10**9   # measured at the start and at the end only
+    c.train.swd_num_images = 128
+    return c

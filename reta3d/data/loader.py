@@ -1,0 +1,197 @@
+"""The training input pipeline (grain): shard, shuffle, flip, batch per device, prefetch.
+
+Pipeline over any random-access source (the TFDS array_record source of
+`tfds_builder.load_data_source`, or a plain sequence of dicts with the same keys):
+
+  source ─ tag "index" ─ equal-size shard per host (strided) ─ shuffle (seeded, a new
+  order every epoch) ─ repeat(num_epochs) ─ decode/resize ─ random flip (seeded per
+  element) ─ image to float32 [-1, 1] ─ batch (drop_remainder) ─ reshape per device ─
+  prefetch (threads; worker processes if worker_count > 0)
+
+Every random choice is a function of (seed, shard_index, position in the stream), so the
+same arguments give the same batches, and `get_state()`/`set_state()` (a small dict, safe
+to store in a checkpoint) resume a run exactly where it stopped.
+"""
+from __future__ import annotations
+
+import functools
+import json
+from typing import Any, Mapping, Optional, Sequence
+
+import chex
+from absl import flags as absl_flags
+import grain
+import numpy as np
+from PIL import Image
+
+from reta3d.data import flip as flip_lib
+from reta3d.data import folder as folder_format
+
+FLAME_FIELDS = folder_format.FLAME_KEYS
+BATCH_KEYS = ("image", "camera") + FLAME_FIELDS + ("index", "flipped")
+
+
+def _seeds(seed: int, shard_index: int) -> tuple[int, int]:
+    """Independent 32-bit seeds for the shuffle and the flips of one shard."""
+    shuffle_seed, flip_seed = np.random.SeedSequence([seed, shard_index]).generate_state(2)
+    return int(shuffle_seed), int(flip_seed)
+
+
+def _decode(element: tuple[int, Mapping[str, Any]], resolution: Optional[int]) -> dict:
+    """A source record -> image (R, R, 3) uint8, camera (25,) and FLAME fields float32."""
+    index, record = element
+    missing = [key for key in ("image", "camera") + FLAME_FIELDS if key not in record]
+    name = record.get("filename", f"record {index}")
+    name = name.decode() if isinstance(name, bytes) else str(name)
+    if missing:
+        raise ValueError(f"data source element {index} ({name}) lacks {missing}")
+    image = np.asarray(record["image"])
+    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"data source element {index} ({name}): image must be (H, W, 3) "
+                         f"uint8, got {image.shape} {image.dtype}")
+    if resolution is not None and image.shape[:2] != (resolution, resolution):
+        image = np.asarray(Image.fromarray(image, "RGB").resize(
+            (resolution, resolution), Image.Resampling.LANCZOS))
+    out = {"image": image, "camera": np.asarray(record["camera"], np.float32)}
+    chex.assert_shape(out["camera"], (folder_format.LABEL_SIZE,))
+    out.update({key: np.asarray(record[key], np.float32) for key in FLAME_FIELDS})
+    out["index"] = np.int32(index)
+    return out
+
+
+def _tag_index(index: int, record, num_records: int):
+    # grain hands repeated/sliced positions (epoch * len + i) through; the record is i.
+    return index % num_records, record
+
+
+def _not_flipped(element: dict) -> dict:
+    return {**element, "flipped": np.bool_(False)}
+
+
+def _random_flip(element: dict, rng: np.random.Generator) -> dict:
+    flipped = bool(rng.random() < 0.5)
+    if flipped:
+        flame = {key: element[key] for key in FLAME_FIELDS}
+        image, camera, flame = flip_lib.flip_sample(element["image"], element["camera"], flame)
+        element = {**element, "image": image, "camera": camera, **flame}
+    return {**element, "flipped": np.bool_(flipped)}
+
+
+def _normalise(element: dict) -> dict:
+    # uint8 0..255 -> [-1, 1] (StyleGAN/EG3D convention).
+    image = element["image"].astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+    return {**element, "image": image}
+
+
+def _split_devices(batch: dict, num_devices: int) -> dict:
+    return {key: value.reshape((num_devices, -1) + value.shape[1:])
+            for key, value in batch.items()}
+
+
+class Loader:
+    """Iterator of batches {key: (num_devices, per_device_batch, ...)} with resumable state.
+
+    image (D, B, H, W, 3) float32 in [-1, 1]; camera (D, B, 25) float32; shape (D, B, S),
+    expression (D, B, E), global_pose/neck_pose/jaw_pose (D, B, 3), eye_pose (D, B, 6)
+    float32; index (D, B) int32 (the record's index in the source); flipped (D, B) bool.
+    """
+
+    def __init__(self, dataset: grain.IterDataset, settings: dict, batches_per_epoch: int):
+        self._dataset = dataset
+        self._settings = settings
+        self._iterator = iter(dataset)
+        self.batches_per_epoch = batches_per_epoch
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        return next(self._iterator)
+
+    def get_state(self) -> dict:
+        """JSON-serialisable position of the stream (store it in the checkpoint)."""
+        return {"settings": json.dumps(self._settings, sort_keys=True),
+                "grain": json.dumps(self._iterator.get_state(), sort_keys=True)}
+
+    def set_state(self, state: Mapping[str, str]) -> None:
+        """Continues from a `get_state()` of a loader made with the same arguments."""
+        if set(state) != {"settings", "grain"}:
+            raise ValueError(f"not a loader state (keys {sorted(state)})")
+        saved = json.loads(state["settings"])
+        if saved != json.loads(json.dumps(self._settings)):
+            changed = sorted(k for k in set(saved) | set(self._settings)
+                             if saved.get(k) != self._settings.get(k))
+            raise ValueError(f"loader state was saved with different settings {changed}: "
+                             f"saved {saved}, now {self._settings}")
+        self._iterator.set_state(json.loads(state["grain"]))
+
+    def close(self) -> None:
+        closer = getattr(self._iterator, "close", None)
+        if closer is not None:
+            closer()
+
+
+def make_loader(data_source: Sequence[Mapping[str, Any]], global_batch_size: int,
+                num_devices: int, seed: int, shuffle: bool = True, flip: bool = True,
+                resolution: Optional[int] = None, shard_index: int = 0, shard_count: int = 1,
+                num_epochs: Optional[int] = None, worker_count: int = 0,
+                read_threads: int = 4, prefetch_batches: int = 4) -> Loader:
+    """The training loader over `data_source` (see the module docstring).
+
+    global_batch_size: examples per step over all hosts; each host (shard_index of
+    shard_count, e.g. jax.process_index()/jax.process_count()) yields
+    global_batch_size / shard_count examples split over its `num_devices` local devices,
+    so global_batch_size must be divisible by shard_count * num_devices.
+    Each host reads an equal share of the records (the remainder of len / shard_count is
+    left out, so hosts step in lockstep). num_epochs=None repeats forever; the last
+    incomplete batch is dropped. resolution: resize images whose size differs (None: keep).
+    worker_count > 0 decodes in that many processes (grain mp_prefetch); read_threads and
+    prefetch_batches control the in-process thread prefetch.
+    """
+    if num_devices <= 0 or shard_count <= 0 or not 0 <= shard_index < shard_count:
+        raise ValueError(f"need num_devices > 0 and 0 <= shard_index < shard_count, got "
+                         f"{num_devices}, {shard_index}, {shard_count}")
+    if global_batch_size <= 0 or global_batch_size % (shard_count * num_devices):
+        raise ValueError(f"global_batch_size {global_batch_size} must be a positive multiple "
+                         f"of shard_count * num_devices = {shard_count * num_devices}")
+    if num_epochs is not None and num_epochs <= 0:
+        raise ValueError(f"num_epochs must be positive or None, got {num_epochs}")
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+    host_batch = global_batch_size // shard_count
+    records_per_shard = len(data_source) // shard_count
+    if records_per_shard < host_batch:
+        raise ValueError(f"the source holds {len(data_source)} records: {records_per_shard} "
+                         f"per host, fewer than one host batch of {host_batch}")
+
+    shuffle_seed, flip_seed = _seeds(seed, shard_index)
+    # Module-level functions (not lambdas) so worker processes can unpickle the pipeline.
+    dataset = grain.MapDataset.source(data_source).map_with_index(
+        functools.partial(_tag_index, num_records=len(data_source)))
+    dataset = dataset[:records_per_shard * shard_count][shard_index::shard_count]
+    if shuffle:
+        dataset = dataset.shuffle(seed=shuffle_seed)
+    dataset = dataset.repeat(num_epochs)
+    dataset = dataset.map(functools.partial(_decode, resolution=resolution))
+    if flip:
+        dataset = dataset.random_map(_random_flip, seed=flip_seed)
+    else:
+        dataset = dataset.map(_not_flipped)
+    dataset = dataset.map(_normalise)
+    dataset = dataset.batch(host_batch, drop_remainder=True)
+    dataset = dataset.map(functools.partial(_split_devices, num_devices=num_devices))
+    iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(
+        num_threads=min(read_threads, prefetch_batches), prefetch_buffer_size=prefetch_batches))
+    if worker_count > 0:
+        if not absl_flags.FLAGS.is_parsed():
+            # grain's worker processes read absl flags; outside an absl app (tests, notebooks)
+            # nothing parsed them, so take their defaults.
+            absl_flags.FLAGS.mark_as_parsed()
+        iter_dataset = iter_dataset.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=worker_count))
+    settings = {"global_batch_size": global_batch_size, "num_devices": num_devices,
+                "seed": seed, "shuffle": shuffle, "flip": flip, "resolution": resolution,
+                "shard_index": shard_index, "shard_count": shard_count,
+                "num_epochs": num_epochs, "worker_count": worker_count,
+                "num_records": len(data_source)}
+    return Loader(iter_dataset, settings, records_per_shard // host_batch)
