@@ -64,6 +64,7 @@ def get_config():
     # VGG16 for L_ID: a path to weights converted by experiments/convert_vgg16.py, or
     # "random" (a fixed random-initialised VGG16, an explicit choice logged at start).
     c.loss.vgg16 = "vgg16.npz"
+    c.loss.vgg_layers = ("relu1_2", "relu2_2", "relu3_3", "relu4_3")
 
     # Optimisers (StyleGAN2).
     c.optim = ml_collections.ConfigDict()
@@ -76,7 +77,7 @@ def get_config():
     # Schedule.
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 32            # global batch
-    c.train.total_kimg = 25000         # 25M images, as EG3D
+    c.train.total_kimg = 25000.0       # 25M images, as EG3D
     c.train.ema_kimg = 10.0
     c.train.ema_rampup = 0.05
     c.train.style_mixing_prob = 0.9

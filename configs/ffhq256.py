@@ -11,5 +11,5 @@ def get_config():
     c.data.path = "data/ffhq256"
     c.render.resolution = 256
     c.disc.channel_base = 16384
-    c.train.total_kimg = 4000
+    c.train.total_kimg = 4000.0
     return c

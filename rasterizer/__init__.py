@@ -1,15 +1,13 @@
 """Differentiable 3D Gaussian splatting for JAX (pure JAX and Triton backends).
 
-This package must not import `reta3d`.
+    out = rasterizer.render(rasterizer.Gaussians(...), rasterizer.Camera(...))
+
+This package must not import `reta3d`. The Triton backend (and torch / jax_triton) is imported
+only when selected.
 """
 from rasterizer.types import Camera, Gaussians, look_at_eg3d_label
+# Importing the submodule first binds the package attribute `render` to the module; the
+# from-import then rebinds it to the function, which is what `rasterizer.render(...)` means.
+from rasterizer.render import RenderOutput, render
 
 __all__ = ["Camera", "Gaussians", "look_at_eg3d_label", "render", "RenderOutput"]
-
-
-def __getattr__(name):
-    # `render` pulls in the backends; keep `import rasterizer` light for the types.
-    if name in ("render", "RenderOutput"):
-        from rasterizer import render as _render_module
-        return getattr(_render_module, name)
-    raise AttributeError(name)

@@ -1,0 +1,192 @@
+"""The paper's runtime table, Tab. 1(b): Gen, Rend and Dri FPS (Sec. 3.1 "Runtime comparison").
+
+  Gen   latent code → Gaussians of the static head: generate_static (mapping, G, G_m,
+        blending) + one `animate` at the neutral expression (FLAME, G_d, binding), one jit.
+  Rend  Gaussians → an image at the config's render resolution (512² for the paper): the
+        rasterizer only.
+  Dri   FLAME sequence → frames of a generated head: the static part once per identity, then
+        the per-frame path (FLAME + G_d + binding + rasterizer, one jitted function) for every
+        frame, all dispatched back to back and blocked once; FPS = frames / wall time per
+        identity (median over identities; the total over all identities is reported too).
+
+Protocol (paper): batch 1, 5 identities, 240 FLAME frames (builtin:talk by default), after
+warm-up (compilation excluded), every timed call ended by block_until_ready; Gen and Rend are
+the median of --repeats runs per identity. --throughput runs the same at batch --batch (32):
+FPS then counts images (batch / time). --identities/--frames shorten the protocol.
+
+Paper's numbers (one RTX 2080 Ti, batch 1, 512²): Gen 203, Rend 129.9, Dri 79.2 FPS. Note
+1/(1/203 + 1/129.9) = 79.2: the paper's Dri equals running Gen AND Rend for every frame; this
+script follows the paper's text (static part once per identity, Sec. 2.3) and also prints
+`gen_plus_rend_fps` for that comparison.
+
+  python experiments/benchmark.py --config=configs/ffhq512.py --random_init
+  python experiments/benchmark.py --config=configs/ffhq512.py --random_init --throughput
+  python experiments/benchmark.py --config=configs/demo.py --random_init --identities=2 --frames=24
+  python experiments/benchmark.py --workdir=runs/ffhq512 --out=out/runtime.json
+"""
+import json
+import pathlib
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints: G_ema).")
+config_flags.DEFINE_config_file("config", None, "Config file (with --random_init).",
+                                lock_config=True)
+flags.DEFINE_bool("random_init", False, "Random weights from --config (no trained model).")
+flags.DEFINE_integer("init_seed", 0, "PRNG seed of --random_init weights.")
+flags.DEFINE_integer("identities", 5, "Identities (paper: 5).")
+flags.DEFINE_integer("frames", 240, "FLAME frames per identity for Dri (paper: 240).")
+flags.DEFINE_string("flame_sequence", "builtin:talk", "Dri's FLAME sequence (builtin or .npz).")
+flags.DEFINE_integer("repeats", 10, "Timed Gen / Rend runs per identity.")
+flags.DEFINE_integer("warmup", 2, "Untimed runs after compilation.")
+flags.DEFINE_bool("throughput", False, "Batch --batch instead of 1 (images per second).")
+flags.DEFINE_integer("batch", 32, "Batch size of --throughput.")
+flags.DEFINE_integer("resolution", None, "Render size (default: the config's render.resolution).")
+flags.DEFINE_enum("backend", None, ["auto", "jax", "triton"], "Rasterizer backend (default: config).")
+flags.DEFINE_string("out", None, "Also write the JSON here.")
+
+PAPER = {"hardware": "one NVIDIA RTX 2080 Ti, batch 1, 512x512 (paper Tab. 1b, 'Ours')",
+         "gen_fps": 203.0, "rend_fps": 129.9, "dri_fps": 79.2,
+         "note": "1/(1/203 + 1/129.9) = 79.2: the paper's Dri equals Gen + Rend per frame"}
+
+
+def _timed(fn, *args):
+    import jax
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return time.perf_counter() - start
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import rasterizer
+    from rasterizer.render import resolve_backend
+    from reta3d import inference
+
+    if FLAGS.identities < 1 or FLAGS.frames < 1 or FLAGS.repeats < 1 or FLAGS.batch < 1:
+        raise app.UsageError("--identities, --frames, --repeats and --batch must be >= 1")
+    config, generator, g_vars = inference.load_generator(
+        workdir=FLAGS.workdir, config=FLAGS.config, random_init=FLAGS.random_init,
+        seed=FLAGS.init_seed)
+    batch = FLAGS.batch if FLAGS.throughput else 1
+    resolution = int(FLAGS.resolution or config.render.resolution)
+    backend = FLAGS.backend or config.render.backend
+    model = generator.flame_model
+    neutral = {k: np.repeat(v, batch, axis=0) for k, v in inference.neutral_flame(model).items()}
+    c = inference.conditioning_labels(config, batch)
+    z = inference.latents_for_seeds(range(FLAGS.identities * batch), config.model.z_dim)
+    z = z.reshape(FLAGS.identities, batch, -1)
+    labels = np.repeat(inference.frontal_label()[None], batch, axis=0)
+    background = jnp.full((3,), float(config.render.background), jnp.float32)
+
+    @jax.jit
+    def gen_fn(g_vars, z, c):
+        static = generator.generate_static(g_vars, z, c)
+        gaussians, _ = generator.animate(g_vars, static, neutral)
+        return gaussians
+
+    @jax.jit
+    def rend_fn(gaussians, labels):
+        camera = rasterizer.Camera.from_eg3d(labels, resolution)
+        return rasterizer.render(gaussians, camera, background=background, backend=backend).color
+
+    def warm(fn, *args):
+        seconds = _timed(fn, *args)
+        for _ in range(FLAGS.warmup):
+            _timed(fn, *args)
+        return seconds
+
+    compile_s = {"gen": warm(gen_fn, g_vars, z[0], c)}
+    gen_times, gaussians_all = [], []
+    for i in range(FLAGS.identities):
+        gen_times += [_timed(gen_fn, g_vars, z[i], c) for _ in range(FLAGS.repeats)]
+        gaussians_all.append(gen_fn(g_vars, z[i], c))
+
+    compile_s["rend"] = warm(rend_fn, gaussians_all[0], labels)
+    rend_times = []
+    for gaussians in gaussians_all:
+        rend_times += [_timed(rend_fn, gaussians, labels) for _ in range(FLAGS.repeats)]
+
+    sequence, _ = inference.get_sequence(FLAGS.flame_sequence, model, FLAGS.frames)
+    num_frames = int(sequence["expression"].shape[0])
+    sequence = {k: jnp.asarray(v) for k, v in sequence.items()}
+    camera_labels = jnp.asarray(inference.camera_path("fixed", num_frames))
+    frame_fn = inference.make_frame_fn(config, generator, resolution, backend)
+    indices = [jnp.asarray(t, jnp.int32) for t in range(num_frames)]
+
+    def static_fn(zi):
+        return generator.jit_generate_static(g_vars, zi, c)
+
+    def drive(zi):
+        """Static part once, then every frame dispatched back to back; one block at the end."""
+        static = static_fn(zi)
+        out = [frame_fn(g_vars, static, sequence, t, camera_labels) for t in indices]
+        return out[-1]
+
+    start = time.perf_counter()
+    static0 = jax.block_until_ready(static_fn(z[0]))
+    jax.block_until_ready(frame_fn(g_vars, static0, sequence, indices[0], camera_labels))
+    compile_s["dri"] = time.perf_counter() - start
+    for _ in range(FLAGS.warmup):
+        _timed(frame_fn, g_vars, static0, sequence, indices[0], camera_labels)
+    dri_times = [_timed(drive, z[i]) for i in range(FLAGS.identities)]
+    frame_path_times = []
+    for i in range(FLAGS.identities):
+        static = jax.block_until_ready(static_fn(z[i]))
+        start = time.perf_counter()
+        jax.block_until_ready([frame_fn(g_vars, static, sequence, t, camera_labels)
+                               for t in indices][-1])
+        frame_path_times.append(time.perf_counter() - start)
+
+    gen_fps = batch / float(np.median(gen_times))
+    rend_fps = batch / float(np.median(rend_times))
+    dri_fps = float(np.median([num_frames * batch / t for t in dri_times]))
+    result = {
+        "gen_fps": gen_fps,
+        "rend_fps": rend_fps,
+        "dri_fps": dri_fps,
+        "dri_fps_total": FLAGS.identities * num_frames * batch / float(np.sum(dri_times)),
+        "frame_path_fps (Dri without the static part)":
+            float(np.median([num_frames * batch / t for t in frame_path_times])),
+        "gen_plus_rend_fps (the paper's Dri relation)": 1.0 / (1.0 / gen_fps + 1.0 / rend_fps),
+        "gen_ms_median": 1e3 * float(np.median(gen_times)),
+        "rend_ms_median": 1e3 * float(np.median(rend_times)),
+        **inference.device_description(),
+        "resolution": resolution,
+        "num_gaussians": generator.num_gaussians,
+        "backend": resolve_backend(backend),
+        "batch": batch,
+        "mode": "throughput" if FLAGS.throughput else "latency (paper protocol)",
+        "identities": FLAGS.identities,
+        "frames": num_frames,
+        "flame_sequence": FLAGS.flame_sequence,
+        "repeats": FLAGS.repeats,
+        "warmup": FLAGS.warmup,
+        "compile_s (first call, excluded)": compile_s,
+        "model": {"uv_resolution": config.model.uv_resolution,
+                  "mouth_resolution": config.model.mouth_resolution,
+                  "weights": "random init" if FLAGS.random_init else f"G_ema of {FLAGS.workdir}",
+                  "dtype": config.model.dtype},
+        "paper_reference (not measured here)": PAPER,
+    }
+    text = json.dumps(result, indent=2)
+    if FLAGS.out:
+        pathlib.Path(FLAGS.out).parent.mkdir(parents=True, exist_ok=True)
+        pathlib.Path(FLAGS.out).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,656 @@
+"""RETA3D training (Sec. 2.4): state, the pmap train steps, and the training loop.
+
+Phases, each ONE compiled `jax.pmap` function (no per-step recompilation):
+  g_step      generator: L_G = L_adv + λo·L_offset + λs·L_scale + λr·L_reg^{G_d} + λID·L_ID (Eq. 2)
+  d_step      discriminator: softplus(D(fake)) + softplus(−D(real))
+  d_reg_step  discriminator R1 (γ), lazily every `r1_interval` steps, scaled by the interval
+Gradients are averaged over devices with `lax.pmean`. The D optimiser uses StyleGAN2's
+lazy-regularisation correction of Adam's learning rate and betas (mb_ratio = I/(I+1)); G has
+no lazy regulariser and uses the plain setting. G's EMA follows StyleGAN2 (ema_kimg with a
+ramp-up). Fakes are conditioned on cameras and FLAME parameters drawn from the dataset's labels
+(the real batch's labels: a random draw of dataset conditions, as EG3D's gen_c), and the generator runs
+exactly as at inference: generate_static (mapping → G → G_m → blending) then animate (FLAME →
+G_d → binding) and the rasterizer.
+
+Data layout of a step's batch (per device D, per-device batch B): image (D,B,R,R,3) float32 in
+[-1,1], camera (D,B,25), FLAME fields (D,B,k).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import pathlib
+import signal
+import time
+from typing import Any, Dict, Optional
+
+import chex
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import struct
+
+import rasterizer
+from rasterizer.render import resolve_backend
+from reta3d import flame as flame_lib
+from reta3d import losses
+from reta3d.networks import generator as generator_lib
+from reta3d.networks import stylegan2
+
+FLAME_KEYS = ("shape", "expression", "global_pose", "neck_pose", "jaw_pose", "eye_pose")
+
+
+# ------------------------------------------------------------------------------------------
+# Models built from a config
+# ------------------------------------------------------------------------------------------
+
+def generator_config(config: ml_collections.ConfigDict) -> generator_lib.GeneratorConfig:
+    m = config.model
+    return generator_lib.GeneratorConfig(
+        z_dim=m.z_dim, w_dim=m.w_dim, c_dim=m.c_dim, uv_resolution=m.uv_resolution,
+        mouth_resolution=m.mouth_resolution, channel_base=m.channel_base,
+        channel_max=m.channel_max, mouth_channel_base=m.mouth_channel_base,
+        mouth_channel_max=m.mouth_channel_max, mapping_layers=m.mapping_layers,
+        conv_clamp=m.conv_clamp, expression_dims=m.expression_dims, gd_channels=m.gd_channels,
+        frame_kind=config.head.frame_kind, dtype=m.dtype)
+
+
+def build_generator(config) -> generator_lib.RETA3DGenerator:
+    model = flame_lib.load(config.head.flame_model, config.head.flame_uv)
+    return generator_lib.RETA3DGenerator.create(generator_config(config), model)
+
+
+def build_discriminator(config) -> stylegan2.Discriminator:
+    d = config.disc
+    return stylegan2.Discriminator(
+        c_dim=25, img_resolution=config.render.resolution, img_channels=3,
+        channel_base=d.channel_base, channel_max=d.channel_max, conv_clamp=d.conv_clamp,
+        mbstd_group_size=d.mbstd_group_size)
+
+
+def build_vgg_features(config):
+    """The VGG16 feature function for L_ID and a description of which weights it uses."""
+    from reta3d import vgg
+    choice = config.loss.vgg16
+    layers = tuple(config.loss.vgg_layers)
+    if choice == "random":
+        return vgg.make_vgg16_features_fn(vgg.random_vgg16_params(0), layers), \
+            f"VGG16 for L_ID: fixed random initialisation (config.loss.vgg16='random'), {layers}"
+    if not pathlib.Path(choice).is_file():
+        raise FileNotFoundError(
+            f"config.loss.vgg16={choice!r}: VGG16 weights not found. Convert torchvision's "
+            "vgg16-397923af.pth with `python experiments/convert_vgg16.py "
+            "--input=vgg16-397923af.pth --output=vgg16.npz` (README 'Pretrained weights'), or set "
+            "--config.loss.vgg16=random to use a fixed random VGG16 explicitly.")
+    return vgg.make_vgg16_features_fn(vgg.load_vgg16_params(choice), layers), \
+        f"VGG16 for L_ID: pretrained weights from {choice}, {layers}"
+
+
+# ------------------------------------------------------------------------------------------
+# State
+# ------------------------------------------------------------------------------------------
+
+@struct.dataclass
+class TrainState:
+    """Everything a checkpoint holds (arrays only). Replicated over devices when training."""
+    step: jax.Array           # () int32, completed iterations
+    g_vars: Any               # generator variables {"params", "buffers", "mapping_state"}
+    g_ema: Any                # EMA copy of g_vars (what sampling and metrics use)
+    d_vars: Any               # discriminator variables {"params"}
+    g_opt: Any
+    d_opt: Any
+    rng: jax.Array            # (2,) uint32 raw key data
+
+
+def make_optimizers(config):
+    o = config.optim
+    g_tx = optax.adam(o.g_lr, b1=o.b1, b2=o.b2, eps=o.eps)
+    lr, b1, b2 = losses.lazy_regularization_adam(o.d_lr, o.b1, o.b2, config.loss.r1_interval)
+    d_tx = optax.adam(lr, b1=b1, b2=b2, eps=o.eps)
+    return g_tx, d_tx
+
+
+def create_train_state(config, generator, discriminator, rng) -> TrainState:
+    g_key, d_key, rng = jax.random.split(rng, 3)
+    # Jitted: Flax init run op by op is an order of magnitude slower to start on CPU.
+    g_vars = jax.jit(generator.init)(g_key)
+    res = config.render.resolution
+    d_vars = jax.jit(discriminator.init)(d_key, jnp.zeros((1, res, res, 3)), jnp.zeros((1, 25)))
+    g_tx, d_tx = make_optimizers(config)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), g_vars=g_vars, g_ema=g_vars, d_vars=d_vars,
+        g_opt=g_tx.init(g_vars["params"]), d_opt=d_tx.init(d_vars["params"]),
+        rng=jax.random.key_data(rng))
+
+
+def ema_beta(config, step: int) -> float:
+    """StyleGAN2's G EMA: half-life ema_kimg, ramped up to `ema_rampup` × images seen."""
+    batch = config.train.batch_size
+    ema_nimg = config.train.ema_kimg * 1000
+    if config.train.ema_rampup is not None:
+        ema_nimg = min(ema_nimg, (step + 1) * batch * config.train.ema_rampup)
+    return 0.5 ** (batch / max(ema_nimg, 1e-8))
+
+
+# ------------------------------------------------------------------------------------------
+# The generator as the steps use it
+# ------------------------------------------------------------------------------------------
+
+def fit_flame(flame: Dict[str, jax.Array], model) -> Dict[str, jax.Array]:
+    """Dataset FLAME vectors → the head model's sizes (the dataset stores 100 shape / 50
+    expression coefficients; the embedded template holds fewer; missing ones count as zero)."""
+    out = {}
+    for key in FLAME_KEYS:
+        value = flame[key]
+        if key == "shape":
+            value = value[:, :model.num_shape]
+        elif key == "expression":
+            value = value[:, :model.num_expression]
+        out[key] = value
+    return out
+
+
+def fake_conditions(batch):
+    """Cameras and FLAME parameters for the fakes: the labels of this step's real batch.
+
+    The real batch is a uniform random draw from the dataset, so its labels are a random draw
+    of dataset conditions (EG3D draws gen_c from the dataset's labels the same way); using
+    them as they are keeps a step identical whatever the number of devices."""
+    return batch["camera"], {k: batch[k] for k in FLAME_KEYS}
+
+
+def global_latents(key, per_device: int, z_dim: int):
+    """This device's slice of latents drawn for the GLOBAL batch, so that the fakes of a step
+    do not depend on how the batch is split over devices."""
+    num = jax.lax.psum(1, "batch")
+    z = jax.random.normal(key, (num * per_device, z_dim))
+    return jax.lax.dynamic_slice_in_dim(z, jax.lax.axis_index("batch") * per_device, per_device)
+
+
+def render_images(config, gaussians, cameras25):
+    """Gaussians (B,N,·) seen by EG3D cameras (B,25) → images (B,R,R,3) in [-1,1]."""
+    res = config.render.resolution
+    camera = rasterizer.Camera.from_eg3d(cameras25, res)
+    background = jnp.full((3,), config.render.background, jnp.float32)
+    out = rasterizer.render(gaussians, camera, background=background, backend=config.render.backend)
+    return out.color * 2.0 - 1.0
+
+
+def generate_images(config, generator, g_vars, z, cameras, flame, rng, *, train: bool,
+                    static_images: bool = False, style_mixing_prob: float = 0.0,
+                    noise_mode: str = "random"):
+    """z (B,z_dim), cameras (B,25), FLAME dict → dict(images, [static_images], aux, mapping_state).
+
+    The same split as inference: generate_static (mapping, G, G_m, blending) once, then
+    animate (FLAME, G_d, binding); `static_images` also renders I_s (the static maps without
+    G_d) for L_ID.
+    """
+    mix_key, z2_key, noise_key = jax.random.split(rng, 3)
+    flame = fit_flame(flame, generator.flame_model)
+    mapping_state = None
+    if train:
+        ws, updated = generator.map_latents(g_vars, z, cameras, update_w_avg=True)
+        mapping_state = updated["mapping_state"]
+    else:
+        ws = generator.map_latents(g_vars, z, cameras)
+    if style_mixing_prob > 0:
+        z2 = jax.random.normal(z2_key, z.shape)
+        ws2 = generator.map_latents(g_vars, z2, cameras)
+        ws = stylegan2.apply_style_mixing(mix_key, ws, ws2, style_mixing_prob)
+    static = generator.synthesize(g_vars, ws, noise_mode=noise_mode if train else "const",
+                                  rng=noise_key)
+    gaussians, aux = generator.animate(g_vars, static, flame, use_dynamic=True)
+    out = {"images": render_images(config, gaussians, cameras), "aux": aux,
+           "mapping_state": mapping_state}
+    if static_images:
+        gaussians_s, _ = generator.animate(g_vars, static, flame, use_dynamic=False)
+        out["static_images"] = render_images(config, gaussians_s, cameras)
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# The steps (per device; pmapped by `make_steps`)
+# ------------------------------------------------------------------------------------------
+
+def _step_keys(state: TrainState, phase: int):
+    """(shared key, per-device key) for this step and phase: latents come from the shared one
+    (see `global_latents`), per-sample noise and style mixing from the per-device one."""
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step), phase)
+    return key, jax.random.fold_in(key, jax.lax.axis_index("batch"))
+
+
+def make_steps(config, generator, discriminator, vgg_features=None, devices=None):
+    """Returns dict(g_step, d_step, d_reg_step), each a jax.pmap over axis "batch" (over
+    `devices`, default all local devices), and `trace_counts`: how often each was traced
+    (1 per phase in a healthy run: every recompilation retraces)."""
+    g_tx, d_tx = make_optimizers(config)
+    weights = losses.LossWeights(offset=config.loss.lambda_offset, scale=config.loss.lambda_scale,
+                                 dynamic_weights=config.loss.lambda_gd,
+                                 identity=config.loss.lambda_id, r1_gamma=config.loss.r1_gamma)
+    use_id = weights.identity > 0
+    if use_id and vgg_features is None:
+        raise ValueError("lambda_id > 0 needs a VGG16 feature function")
+    z_dim = config.model.z_dim
+    mixing = float(config.train.style_mixing_prob)
+    noise_mode = config.train.noise_mode
+
+    def d_logits(d_params, images, cameras):
+        return discriminator.apply({"params": d_params}, images, cameras)
+
+    def g_step(state: TrainState, batch, ema_decay):
+        z_key, gen_key = _step_keys(state, 0)
+        cameras, flame = fake_conditions(batch)
+        z = global_latents(z_key, cameras.shape[0], z_dim)
+
+        def loss_fn(g_params):
+            g_vars = dict(state.g_vars, params=g_params)
+            out = generate_images(config, generator, g_vars, z, cameras, flame, gen_key,
+                                  train=True, static_images=use_id, style_mixing_prob=mixing,
+                                  noise_mode=noise_mode)
+            aux = out["aux"]
+            terms = {
+                "adversarial": losses.generator_adversarial(
+                    d_logits(state.d_vars["params"], out["images"], cameras)),
+                "offset": losses.offset_regularizer(aux["offset_raw"]),
+                "scale": losses.scale_regularizer(aux["scales"]),
+                "dynamic_weights": losses.weight_l2(g_params["dynamic"]),
+            }
+            if use_id:
+                terms["identity"] = losses.identity_loss(vgg_features, out["images"],
+                                                         out["static_images"])
+            total = losses.generator_total(terms, weights)
+            return total, (terms, out["mapping_state"])
+
+        (total, (terms, mapping_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.g_vars["params"])
+        grads = jax.lax.pmean(grads, "batch")
+        mapping_state = jax.lax.pmean(mapping_state, "batch")
+        updates, g_opt = g_tx.update(grads, state.g_opt, state.g_vars["params"])
+        g_params = optax.apply_updates(state.g_vars["params"], updates)
+        g_vars = dict(state.g_vars, params=g_params, mapping_state=mapping_state)
+        # EMA of the parameters; the tracked w_avg and the noise buffers are copied.
+        g_ema = dict(g_vars, params=jax.tree_util.tree_map(
+            lambda e, p: p + (e - p) * ema_decay, state.g_ema["params"], g_params))
+        metrics = {f"g_{k}": v for k, v in terms.items()}
+        metrics["g_total"] = total
+        metrics = jax.lax.pmean(metrics, "batch")
+        return state.replace(g_vars=g_vars, g_ema=g_ema, g_opt=g_opt), metrics
+
+    def d_step(state: TrainState, batch):
+        z_key, gen_key = _step_keys(state, 1)
+        cameras, flame = fake_conditions(batch)
+        z = global_latents(z_key, cameras.shape[0], z_dim)
+        fake = generate_images(config, generator, state.g_vars, z, cameras, flame, gen_key,
+                               train=True, style_mixing_prob=mixing,
+                               noise_mode=noise_mode)["images"]
+        fake = jax.lax.stop_gradient(fake)
+
+        def loss_fn(d_params):
+            fake_logits = d_logits(d_params, fake, cameras)
+            real_logits = d_logits(d_params, batch["image"], batch["camera"])
+            loss = losses.discriminator_adversarial(fake_logits, real_logits)
+            return loss, (jnp.mean(fake_logits), jnp.mean(real_logits))
+
+        (loss, (fake_mean, real_mean)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.d_vars["params"])
+        grads = jax.lax.pmean(grads, "batch")
+        updates, d_opt = d_tx.update(grads, state.d_opt, state.d_vars["params"])
+        d_params = optax.apply_updates(state.d_vars["params"], updates)
+        metrics = jax.lax.pmean({"d_loss": loss, "d_fake_logits": fake_mean,
+                                 "d_real_logits": real_mean}, "batch")
+        return state.replace(d_vars=dict(state.d_vars, params=d_params), d_opt=d_opt,
+                             step=state.step + 1), metrics
+
+    def d_reg_step(state: TrainState, batch):
+        def loss_fn(d_params):
+            penalty, _ = losses.r1_penalty(lambda x, c: d_logits(d_params, x, c),
+                                           batch["image"], batch["camera"])
+            return losses.r1_loss(penalty, weights.r1_gamma, config.loss.r1_interval), penalty
+
+        (loss, penalty), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.d_vars["params"])
+        grads = jax.lax.pmean(grads, "batch")
+        updates, d_opt = d_tx.update(grads, state.d_opt, state.d_vars["params"])
+        d_params = optax.apply_updates(state.d_vars["params"], updates)
+        metrics = jax.lax.pmean({"d_r1_penalty": penalty, "d_r1_loss": loss}, "batch")
+        return state.replace(d_vars=dict(state.d_vars, params=d_params), d_opt=d_opt), metrics
+
+    trace_counts = {"g_step": 0, "d_step": 0, "d_reg_step": 0}
+
+    def counted(name, fn):
+        # Runs only while tracing: a retrace (and so a recompilation) shows up in the count.
+        @functools.wraps(fn)
+        def wrapper(*args):
+            trace_counts[name] += 1
+            return fn(*args)
+        return wrapper
+
+    pmap = functools.partial(jax.pmap, axis_name="batch", donate_argnums=(0,), devices=devices)
+    steps = {name: pmap(counted(name, fn)) for name, fn in
+             (("g_step", g_step), ("d_step", d_step), ("d_reg_step", d_reg_step))}
+    steps["trace_counts"] = trace_counts
+    return steps
+
+
+def replicate(tree, devices=None):
+    """One copy per device (default: all local devices) along a new leading axis, placed the way
+    a pmapped step returns its outputs, so the first step does not compile a second variant
+    for differently placed inputs."""
+    devices = jax.local_devices() if devices is None else list(devices)
+    stacked = jax.tree_util.tree_map(
+        lambda x: jnp.broadcast_to(jnp.asarray(x), (len(devices),) + jnp.shape(x)), tree)
+    return jax.pmap(lambda x: x, axis_name="batch", devices=devices)(stacked)
+
+
+def unreplicate(tree):
+    return jax.tree_util.tree_map(lambda x: x[0], tree)
+
+
+def train_iteration(steps, state, batch, ema_decay, step: int, r1_interval: int):
+    """One iteration: G step, D step, and the lazy R1 step when `step % r1_interval == 0`."""
+    num_devices = jax.local_device_count()
+    decay = jnp.full((num_devices,), ema_decay, jnp.float32)
+    state, g_metrics = steps["g_step"](state, batch, decay)
+    state, d_metrics = steps["d_step"](state, batch)
+    metrics = {**g_metrics, **d_metrics}
+    if r1_interval > 0 and step % r1_interval == 0:
+        state, r_metrics = steps["d_reg_step"](state, batch)
+        metrics.update(r_metrics)
+    return state, metrics
+
+
+# ------------------------------------------------------------------------------------------
+# Evaluation helpers: sample grids and SWD
+# ------------------------------------------------------------------------------------------
+
+def make_sample_fn(config, generator):
+    """jit: (g_vars, z (B,z), cameras (B,25), flame) → images (B,R,R,3) in [-1,1] (const noise)."""
+    def sample(g_vars, z, cameras, flame):
+        return generate_images(config, generator, g_vars, z, cameras, flame,
+                               jax.random.PRNGKey(0), train=False)["images"]
+    return jax.jit(sample)
+
+
+def _to_uint8(images):
+    return np.clip(np.round((np.asarray(images) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def sample_grid_inputs(config, source, num_latents=4, seed=1234):
+    """Fixed latents × (3 cameras + 2 expressions): rows are identities, columns conditions."""
+    from rasterizer.types import look_at_eg3d_label
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((num_latents, config.model.z_dim)).astype(np.float32)
+    example = source[0]
+    zero = {k: np.zeros_like(np.asarray(example[k], np.float32)) for k in FLAME_KEYS}
+    columns = []
+    for yaw in (-0.5, 0.0, 0.5):
+        columns.append((look_at_eg3d_label(yaw, 0.0), dict(zero)))
+    for record in (source[1 % len(source)], source[2 % len(source)]):
+        flame = dict(zero, expression=np.asarray(record["expression"], np.float32),
+                     jaw_pose=np.asarray(record["jaw_pose"], np.float32))
+        columns.append((look_at_eg3d_label(0.0, 0.0), flame))
+    return z, columns
+
+
+def render_sample_grid(sample_fn, g_vars, z, columns) -> np.ndarray:
+    """(rows·R, cols·R, 3) uint8 grid."""
+    rows = []
+    for camera, flame in columns:
+        n = z.shape[0]
+        cams = np.repeat(camera[None], n, 0)
+        fl = {k: np.repeat(v[None], n, 0) for k, v in flame.items()}
+        rows.append(_to_uint8(sample_fn(g_vars, z, cams, fl)))
+    grid = np.stack(rows, axis=1)  # (n, cols, R, R, 3)
+    n, cols, r = grid.shape[:3]
+    return grid.transpose(0, 2, 1, 3, 4).reshape(n * r, cols * r, 3)
+
+
+def evaluate_swd(config, sample_fn, g_vars, source, num_images, seed=0, batch=16):
+    """SWD (Karras et al. 2018; ×1e3) between `num_images` dataset images and as many fakes
+    conditioned on the same images' cameras and FLAME parameters."""
+    from reta3d import metrics
+    num_images = min(num_images, len(source))
+    rng = np.random.default_rng(seed)
+    index = rng.permutation(len(source))[:num_images]
+    real, fake = [], []
+    for start in range(0, num_images, batch):
+        records = [source[int(i)] for i in index[start:start + batch]]
+        cams = np.stack([np.asarray(r["camera"], np.float32) for r in records])
+        flame = {k: np.stack([np.asarray(r[k], np.float32) for r in records]) for k in FLAME_KEYS}
+        z = rng.standard_normal((len(records), config.model.z_dim)).astype(np.float32)
+        fake.append(_to_uint8(sample_fn(g_vars, z, cams, flame)))
+        real.append(np.stack([_resize_uint8(np.asarray(r["image"]), config.render.resolution)
+                              for r in records]))
+    return metrics.swd(np.concatenate(real), np.concatenate(fake), seed=seed)
+
+
+def _resize_uint8(image, resolution):
+    if image.shape[0] == resolution:
+        return image
+    from PIL import Image
+    return np.asarray(Image.fromarray(image).resize((resolution, resolution), Image.LANCZOS))
+
+
+# ------------------------------------------------------------------------------------------
+# The loop
+# ------------------------------------------------------------------------------------------
+
+class _StopRequested(Exception):
+    pass
+
+
+def _maybe_initialize_distributed():
+    """Multi-host: `jax.distributed.initialize()` when a coordinator is configured (its usual
+    environment variables, or a cluster it auto-detects such as SLURM / TPU pods)."""
+    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("SLURM_NTASKS", "1") != "1":
+        jax.distributed.initialize()
+
+
+def prepare_data(config):
+    """The dataset source (TFDS array_record, read without TensorFlow); builds the embedded
+    synthetic dataset first when the config asks for it and it is missing."""
+    from reta3d.data import folder as folder_lib
+    from reta3d.data import tfds_builder
+    path = pathlib.Path(config.data.path)
+    if config.data.synthetic and not (path / folder_lib.LABELS_FILE).is_file():
+        from reta3d import synthetic
+        print(f"Building the synthetic dataset in {path} "
+              f"({config.data.synthetic_num_images} images at {config.render.resolution}px)...",
+              flush=True)
+        t0 = time.time()
+        synthetic.make_synthetic_dataset(path, config.data.synthetic_num_images,
+                                         config.render.resolution, seed=config.seed,
+                                         background=config.render.background)
+        print(f"  done in {time.time() - t0:.0f}s", flush=True)
+    import tensorflow_datasets as tfds
+    from absl import logging as absl_logging
+    tfds.disable_progress_bar()
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)  # tfds' per-call notices, not ours
+    try:
+        if jax.process_index() == 0:
+            tfds_builder.prepare_dataset(path, config.render.resolution)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("dataset prepared")
+        source = tfds_builder.load_data_source(path, config.render.resolution)
+    finally:
+        absl_logging.set_verbosity(verbosity)
+    print(f"Dataset {path}: {len(source)} images at {config.render.resolution}px", flush=True)
+    return source
+
+
+def _progress_line(step, total_steps, kimg, img_per_s, metrics, seconds_left):
+    def fmt(v):
+        return f"{v:.3f}"
+    shown = " ".join(f"{k}={fmt(v)}" for k, v in sorted(metrics.items())
+                     if k in ("g_adversarial", "g_total", "d_loss", "d_r1_penalty", "g_identity"))
+    eta = time.strftime("%H:%M:%S", time.gmtime(max(seconds_left, 0)))
+    return (f"step {step}/{total_steps} kimg {kimg:.2f} {img_per_s:.1f} img/s {shown} "
+            f"left {eta}")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
+    """Trains (or resumes) in `workdir`: orbax checkpoints, metrics.jsonl, TensorBoard events,
+    sample grids. Returns the final metrics (including swd_start and swd_end)."""
+    from reta3d.checkpoint import Checkpointer
+    from reta3d.data import loader as loader_lib
+    from PIL import Image
+
+    _maybe_initialize_distributed()
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    is_main = jax.process_index() == 0
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+    source = prepare_data(config)
+    num_devices = jax.local_device_count()
+    batch_size = config.train.batch_size
+    total_steps = max(1, int(math.ceil(config.train.total_kimg * 1000 / batch_size)))
+
+    generator = build_generator(config)
+    discriminator = build_discriminator(config)
+    vgg_features = None
+    if config.loss.lambda_id > 0:
+        vgg_features, vgg_note = build_vgg_features(config)
+        logging.info(vgg_note)
+        print(vgg_note, flush=True)
+    print(f"Generator: {generator.num_gaussians} Gaussians; UV {config.model.uv_resolution}², "
+          f"mouth {config.model.mouth_resolution}²; renders {config.render.resolution}² "
+          f"(rasterizer backend {resolve_backend(config.render.backend)}); "
+          f"{num_devices} local device(s) ({jax.devices()[0].device_kind}); "
+          f"{total_steps} steps of {batch_size}", flush=True)
+
+    state = create_train_state(config, generator, discriminator, jax.random.PRNGKey(config.seed))
+    checkpointer = Checkpointer(workdir, keep=config.train.keep_checkpoints)
+    loader = loader_lib.make_loader(
+        source, batch_size, num_devices, seed=config.seed, flip=config.data.flip,
+        shard_index=jax.process_index(), shard_count=jax.process_count(),
+        worker_count=config.data.worker_count)
+    meta = {}
+    restored = checkpointer.restore_latest(state)
+    if restored is not None:
+        _, state, meta = restored
+        loader.set_state(meta["loader"])
+        print(f"Resumed from {checkpointer.directory} at step {int(state.step)}", flush=True)
+    start_step = int(state.step)
+
+    sample_fn = make_sample_fn(config, generator)
+    grid_z, grid_columns = sample_grid_inputs(config, source)
+    metrics_path = workdir / "metrics.jsonl"
+
+    def log_metrics(record):
+        if is_main:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            if writer is not None:
+                for k, v in record.items():
+                    if isinstance(v, (int, float)) and k != "step":
+                        writer.add_scalar(k, v, record["step"])
+                writer.flush()
+
+    writer = None
+    if is_main:
+        try:
+            from tensorboardX import SummaryWriter
+            writer = SummaryWriter(str(workdir / "tensorboard"))
+        except ImportError:  # optional: metrics.jsonl is the record of truth
+            print("tensorboardX is not installed: no TensorBoard events", flush=True)
+
+    def measure_swd(g_vars, step):
+        result = evaluate_swd(config, sample_fn, g_vars, source, config.train.swd_num_images,
+                              seed=config.seed)
+        record = {"step": step, "swd": result["mean"],
+                  **{f"swd_{r}": v for r, v in result["levels"].items()}}
+        log_metrics(record)
+        return result["mean"]
+
+    def save_grid(g_vars, step):
+        if is_main:
+            grid = render_sample_grid(sample_fn, g_vars, grid_z, grid_columns)
+            Image.fromarray(grid).save(workdir / f"samples_{step:07d}.png")
+            if writer is not None:
+                writer.add_image("samples", grid, step, dataformats="HWC")
+
+    if start_step == 0:
+        meta["swd_start"] = measure_swd(state.g_ema, 0)
+        print(f"swd at step 0: {meta['swd_start']:.2f}", flush=True)
+        save_grid(state.g_ema, 0)
+    if start_step >= total_steps:
+        print(f"Training already finished ({start_step}/{total_steps} steps); nothing to do.",
+              flush=True)
+        result = {"step": start_step, **{k: meta[k] for k in ("swd_start", "swd_end") if k in meta}}
+        print(json.dumps(result), flush=True)
+        return result
+
+    steps = make_steps(config, generator, discriminator, vgg_features)
+    state = replicate(state)
+
+    def save(step):
+        host_state = jax.device_get(unreplicate(state))
+        meta["loader"] = loader.get_state()
+        meta["kimg"] = step * batch_size / 1000
+        checkpointer.save(step, host_state, meta)
+
+    stop = {"requested": False}
+
+    def on_sigterm(signum, frame):
+        stop["requested"] = True
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+
+    t_start, images_at_start = time.time(), start_step * batch_size
+    t_last, step_last = t_start, start_step
+    step = start_step
+    try:
+        while step < total_steps:
+            batch = next(loader)
+            batch = {k: batch[k] for k in ("image", "camera") + FLAME_KEYS}
+            state, metrics = train_iteration(steps, state, batch, ema_beta(config, step), step,
+                                             config.loss.r1_interval)
+            step += 1
+            if step % config.train.log_every == 0 or step == total_steps or step == start_step + 1:
+                metrics = {k: float(v[0]) for k, v in jax.device_get(metrics).items()}
+                now = time.time()
+                rate = (step - step_last) * batch_size / max(now - t_last, 1e-9)
+                done_rate = (step - start_step) * batch_size / max(now - t_start, 1e-9)
+                left = (total_steps - step) * batch_size / max(done_rate, 1e-9)
+                print(_progress_line(step, total_steps, step * batch_size / 1000, rate, metrics,
+                                     left), flush=True)
+                log_metrics({"step": step, "kimg": step * batch_size / 1000, "img_per_s": rate,
+                             **metrics})
+                t_last, step_last = now, step
+            if step % config.train.sample_every == 0 or step == total_steps:
+                save_grid(unreplicate(state.g_ema), step)
+            if step % config.train.swd_every == 0 and step != total_steps:
+                swd = measure_swd(unreplicate(state.g_ema), step)
+                print(f"swd at step {step}: {swd:.2f}", flush=True)
+            if step % config.train.checkpoint_every == 0 or step == total_steps:
+                save(step)
+            if stop["requested"]:
+                raise _StopRequested()
+    except (KeyboardInterrupt, _StopRequested):
+        print(f"Interrupted at step {step}: saving a checkpoint before exiting.", flush=True)
+        save(step)
+        checkpointer.close()
+        signal.signal(signal.SIGTERM, previous)
+        raise SystemExit(130)
+    signal.signal(signal.SIGTERM, previous)
+
+    g_ema = unreplicate(state.g_ema)
+    meta["swd_end"] = measure_swd(g_ema, step)
+    save(step)  # keeps swd_end in the checkpoint's metadata
+    checkpointer.close()
+    result = {"step": step, "swd_start": meta.get("swd_start"), "swd_end": meta["swd_end"]}
+    if result["swd_start"] is not None:
+        result["swd_ratio"] = result["swd_end"] / result["swd_start"]
+    print(f"swd at step 0: {result['swd_start']:.2f}  ->  at step {step}: {result['swd_end']:.2f}"
+          + (f"  (ratio {result['swd_ratio']:.2f})" if "swd_ratio" in result else ""), flush=True)
+    print(json.dumps(result), flush=True)
+    if writer is not None:
+        writer.close()
+    return result
