@@ -1,0 +1,182 @@
+"""`render`: projection -> tile binning -> compositing (jax or triton backend).
+
+Reference 3DGS semantics (see projection.py, binning.py, composite_jax.py for the details and
+the few documented deviations). Non-finite Gaussians are culled: a Gaussian with any NaN/inf
+field (mean, scale, quaternion, opacity or color) renders nothing and gets zero gradient; the
+others are unaffected.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from rasterizer import binning, projection
+from rasterizer.types import Camera, Gaussians
+
+BACKENDS = ("auto", "jax", "triton")
+
+
+class RenderOutput(NamedTuple):
+    """color (..., H, W, C), alpha (..., H, W) = 1 - final transmittance,
+    depth (..., H, W) = sum z alpha T (not normalised), overflow (...) int32: tile
+    intersections that did not fit in the capacity (dropped)."""
+
+    color: jax.Array
+    alpha: jax.Array
+    depth: jax.Array
+    overflow: jax.Array
+
+
+def _compositor(backend: str):
+    if backend == "jax":
+        from rasterizer.composite_jax import composite_jax
+        return composite_jax
+    # Imported only when selected: the triton path pulls in torch / jax_triton.
+    from rasterizer.composite_triton import composite_triton
+    return composite_triton
+
+
+def resolve_backend(backend: str) -> str:
+    """"auto" -> "triton" on a GPU, "jax" elsewhere; "jax"/"triton" pass through."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if jax.default_backend() == "gpu" else "jax"
+    return backend
+
+
+@functools.partial(jax.jit, static_argnames=("backend", "capacity"))
+def _render_batched(gaussians: Gaussians, camera: Camera, background: jax.Array, *,
+                    backend: str, capacity: int) -> RenderOutput:
+    width, height = camera.width, camera.height
+    proj = projection.project(gaussians.means, gaussians.scales, gaussians.quats,
+                              camera.world_to_camera, camera.intrinsics, width, height)
+    finite = (jnp.isfinite(gaussians.opacities)
+              & jnp.all(jnp.isfinite(gaussians.colors), axis=-1))
+    radii = jnp.where(finite, proj.radii, 0)
+    bins = binning.bin_gaussians(proj.means2d, proj.depths, radii, width, height, capacity)
+    # Culled Gaussians are never read by the compositor, but zeroing their opacity/colour keeps
+    # NaN out of every arithmetic path (and out of the gradients of the others).
+    keep = radii > 0
+    opacities = jnp.where(keep, gaussians.opacities, 0.0)
+    colors = jnp.where(keep[..., None], gaussians.colors, 0.0)
+    color, alpha, depth = _compositor(backend)(
+        proj.means2d, proj.conics, opacities, colors, proj.depths, background,
+        bins.gaussian_ids, bins.tile_ranges, width, height)
+    return RenderOutput(color, alpha, depth, bins.overflow)
+
+
+def _raise_on_overflow(overflow, capacity):
+    def check(value):
+        value = jax.device_get(value)
+        if (value > 0).any():
+            raise RuntimeError(
+                f"rasterizer: {value.tolist()} tile intersections did not fit in capacity "
+                f"{capacity} and were dropped; pass a larger `capacity` to render()")
+
+    if isinstance(overflow, jax.core.Tracer):
+        # Under an outer jit the count is only known on device: the callback raises at run
+        # time (surfacing as a JaxRuntimeError carrying this message).
+        jax.debug.callback(check, overflow)
+    else:
+        check(overflow)
+
+
+def render(gaussians: Gaussians, camera: Camera, background: Optional[jax.Array] = None,
+           backend: str = "auto", capacity: Optional[int] = None,
+           strict: bool = False) -> RenderOutput:
+    """Renders Gaussians with differentiable 3D Gaussian splatting.
+
+    gaussians: `Gaussians` with leading shape () or (B,): means (..., N, 3), scales (..., N, 3),
+      quats (..., N, 4) wxyz, opacities (..., N), colors (..., N, C), float32.
+    camera: `Camera`, world_to_camera (..., 4, 4), intrinsics (..., 3, 3); an unbatched
+      camera (or unbatched Gaussians) is broadcast against a batch of B.
+    background: (C,) or (B, C); None = zeros.
+    backend: "jax", "triton" or "auto" (triton when jax.default_backend() == "gpu").
+    capacity: static number K of (Gaussian, tile) intersection slots per image; None =
+      `binning.default_capacity(N, W, H)`. Extra intersections are dropped and counted.
+    strict: raise if any intersection was dropped: a host check when called eagerly, a
+      `jax.debug.callback` that raises at run time when traced under an outer jit.
+
+    Returns `RenderOutput` with color (..., H, W, C), alpha (..., H, W), depth (..., H, W),
+    overflow (...) int32; `...` is () when neither input had a batch dimension.
+    Jit-able; differentiable w.r.t. every Gaussian field, the background and the camera.
+    """
+    backend = resolve_backend(backend)
+    means = jnp.asarray(gaussians.means)
+    if means.ndim not in (2, 3) or means.shape[-1] != 3:
+        raise ValueError(f"gaussians.means must be (N, 3) or (B, N, 3), got {means.shape}")
+    num = means.shape[-2]
+    lead = means.shape[:-2]
+    expected = {"means": (num, 3), "scales": (num, 3), "quats": (num, 4), "opacities": (num,)}
+    for name, tail in expected.items():
+        shape = jnp.shape(getattr(gaussians, name))
+        if shape != lead + tail:
+            raise ValueError(f"gaussians.{name} must have shape {lead + tail}, got {shape}")
+    colors_shape = jnp.shape(gaussians.colors)
+    if len(colors_shape) != len(lead) + 2 or colors_shape[:-1] != lead + (num,) \
+            or colors_shape[-1] < 1:
+        raise ValueError(f"gaussians.colors must have shape {lead + (num, 'C')} with C >= 1, "
+                         f"got {colors_shape}")
+    channels = colors_shape[-1]
+    w2c_shape = jnp.shape(camera.world_to_camera)
+    k_shape = jnp.shape(camera.intrinsics)
+    if w2c_shape[-2:] != (4, 4) or len(w2c_shape) not in (2, 3):
+        raise ValueError(f"camera.world_to_camera must be (4, 4) or (B, 4, 4), got {w2c_shape}")
+    if k_shape != w2c_shape[:-2] + (3, 3):
+        raise ValueError(f"camera.intrinsics must be {w2c_shape[:-2] + (3, 3)}, got {k_shape}")
+    if not (isinstance(camera.width, int) and isinstance(camera.height, int)
+            and camera.width > 0 and camera.height > 0):
+        raise ValueError(f"camera width/height must be positive ints, got "
+                         f"{camera.width!r}, {camera.height!r}")
+
+    batched = bool(lead) or len(w2c_shape) == 3
+    batch_sizes = {s[0] for s in (means.shape, w2c_shape) if len(s) == 3}
+    if len(batch_sizes) > 1:
+        raise ValueError(f"batch mismatch: gaussians {means.shape[:-2]} vs camera "
+                         f"{w2c_shape[:-2]}")
+    batch = batch_sizes.pop() if batch_sizes else 1
+
+    def batch_of(x, item_ndim):
+        x = jnp.asarray(x)
+        if x.ndim == item_ndim:
+            x = x[None]
+        return jnp.broadcast_to(x, (batch,) + x.shape[1:])
+
+    gaussians_b = Gaussians(batch_of(gaussians.means, 2), batch_of(gaussians.scales, 2),
+                            batch_of(gaussians.quats, 2), batch_of(gaussians.opacities, 1),
+                            batch_of(gaussians.colors, 2))
+    camera_b = Camera(batch_of(camera.world_to_camera, 2), batch_of(camera.intrinsics, 2),
+                      camera.width, camera.height)
+    dtype = gaussians_b.means.dtype
+    if background is None:
+        background_b = jnp.zeros((batch, channels), dtype)
+    else:
+        background = jnp.asarray(background, dtype)
+        if background.shape not in ((channels,), (batch, channels)) and not (
+                not batched and background.shape == (1, channels)):
+            raise ValueError(f"background must be ({channels},) or ({batch}, {channels}), got "
+                             f"{background.shape}")
+        background_b = jnp.broadcast_to(background.reshape((-1, channels)), (batch, channels))
+
+    if num == 0:
+        height, width = camera.height, camera.width
+        out = RenderOutput(
+            jnp.broadcast_to(background_b[:, None, None, :], (batch, height, width, channels)),
+            jnp.zeros((batch, height, width), dtype), jnp.zeros((batch, height, width), dtype),
+            jnp.zeros((batch,), jnp.int32))
+    else:
+        if capacity is None:
+            capacity = binning.default_capacity(num, camera.width, camera.height)
+        if int(capacity) < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        out = _render_batched(gaussians_b, camera_b, background_b, backend=backend,
+                              capacity=int(capacity))
+        if strict:
+            _raise_on_overflow(out.overflow, capacity)
+    if not batched:
+        out = RenderOutput(*(x[0] for x in out))
+    return out
