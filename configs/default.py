@@ -14,6 +14,7 @@ def get_config():
     c.data.path = "data/ffhq"
     c.data.synthetic = False          # True: render the embedded synthetic dataset when missing
     c.data.synthetic_num_images = 0
+    c.data.synthetic_uv_resolution = 128  # texel density of the synthetic heads' textures
     c.data.flip = True                # horizontal flip: image, camera and FLAME mirrored
     c.data.worker_count = 0
 
@@ -82,6 +83,7 @@ def get_config():
     c.train.ema_rampup = 0.05
     c.train.style_mixing_prob = 0.9
     c.train.noise_mode = "random"      # per-layer noise during training: random | const | none
+    c.train.gpc_reg_prob = 0.5         # EG3D's generator pose conditioning swap probability
     c.train.truncation_psi_samples = 1.0
     c.train.log_every = 100            # steps
     c.train.checkpoint_every = 1000    # steps

@@ -117,8 +117,11 @@ def make_optimizers(config):
 
 
 def create_train_state(config, generator, discriminator, rng) -> TrainState:
-    g_key, d_key, rng = jax.random.split(rng, 3)
-    # Jitted: Flax init run op by op is an order of magnitude slower to start on CPU.
+    init_key, rng = jax.random.split(rng)
+    # Initialisation draws from "rbg" keys made from the run's key: threefry's many random
+    # draws take XLA twice as long to compile. Jitted: Flax init run op by op is far slower.
+    init_key = jax.random.wrap_key_data(jax.random.bits(init_key, (4,), jnp.uint32), impl="rbg")
+    g_key, d_key = jax.random.split(init_key)
     g_vars = jax.jit(generator.init)(g_key)
     res = config.render.resolution
     d_vars = jax.jit(discriminator.init)(d_key, jnp.zeros((1, res, res, 3)), jnp.zeros((1, 25)))
@@ -165,6 +168,16 @@ def fake_conditions(batch):
     return batch["camera"], {k: batch[k] for k in FLAME_KEYS}
 
 
+def swap_conditioning(key, cameras, prob: float):
+    """EG3D's generator pose conditioning regulariser: with probability `prob` per sample the
+    mapping network sees another sample's camera (the batch rolled by one), so the generator
+    cannot tie its 3D content to the camera it will be rendered from."""
+    if prob <= 0:
+        return cameras
+    swap = jax.random.uniform(key, (cameras.shape[0], 1)) < prob
+    return jnp.where(swap, jnp.roll(cameras, 1, axis=0), cameras)
+
+
 def global_latents(key, per_device: int, z_dim: int):
     """This device's slice of latents drawn for the GLOBAL batch, so that the fakes of a step
     do not depend on how the batch is split over devices."""
@@ -184,8 +197,11 @@ def render_images(config, gaussians, cameras25):
 
 def generate_images(config, generator, g_vars, z, cameras, flame, rng, *, train: bool,
                     static_images: bool = False, style_mixing_prob: float = 0.0,
-                    noise_mode: str = "random"):
+                    noise_mode: str = "random", cond_cameras=None):
     """z (B,z_dim), cameras (B,25), FLAME dict → dict(images, [static_images], aux, mapping_state).
+
+    `cameras` are the rendering cameras; the mapping network is conditioned on `cond_cameras`
+    (default: the same), as EG3D's generator pose conditioning.
 
     The same split as inference: generate_static (mapping, G, G_m, blending) once, then
     animate (FLAME, G_d, binding); `static_images` also renders I_s (the static maps without
@@ -193,15 +209,16 @@ def generate_images(config, generator, g_vars, z, cameras, flame, rng, *, train:
     """
     mix_key, z2_key, noise_key = jax.random.split(rng, 3)
     flame = fit_flame(flame, generator.flame_model)
+    cond = cameras if cond_cameras is None else cond_cameras
     mapping_state = None
     if train:
-        ws, updated = generator.map_latents(g_vars, z, cameras, update_w_avg=True)
+        ws, updated = generator.map_latents(g_vars, z, cond, update_w_avg=True)
         mapping_state = updated["mapping_state"]
     else:
-        ws = generator.map_latents(g_vars, z, cameras)
+        ws = generator.map_latents(g_vars, z, cond)
     if style_mixing_prob > 0:
         z2 = jax.random.normal(z2_key, z.shape)
-        ws2 = generator.map_latents(g_vars, z2, cameras)
+        ws2 = generator.map_latents(g_vars, z2, cond)
         ws = stylegan2.apply_style_mixing(mix_key, ws, ws2, style_mixing_prob)
     static = generator.synthesize(g_vars, ws, noise_mode=noise_mode if train else "const",
                                   rng=noise_key)
@@ -239,6 +256,7 @@ def make_steps(config, generator, discriminator, vgg_features=None, devices=None
     z_dim = config.model.z_dim
     mixing = float(config.train.style_mixing_prob)
     noise_mode = config.train.noise_mode
+    gpc_prob = float(config.train.gpc_reg_prob)
 
     def d_logits(d_params, images, cameras):
         return discriminator.apply({"params": d_params}, images, cameras)
@@ -247,12 +265,13 @@ def make_steps(config, generator, discriminator, vgg_features=None, devices=None
         z_key, gen_key = _step_keys(state, 0)
         cameras, flame = fake_conditions(batch)
         z = global_latents(z_key, cameras.shape[0], z_dim)
+        cond = swap_conditioning(jax.random.fold_in(gen_key, 7), cameras, gpc_prob)
 
         def loss_fn(g_params):
             g_vars = dict(state.g_vars, params=g_params)
             out = generate_images(config, generator, g_vars, z, cameras, flame, gen_key,
                                   train=True, static_images=use_id, style_mixing_prob=mixing,
-                                  noise_mode=noise_mode)
+                                  noise_mode=noise_mode, cond_cameras=cond)
             aux = out["aux"]
             terms = {
                 "adversarial": losses.generator_adversarial(
@@ -286,9 +305,10 @@ def make_steps(config, generator, discriminator, vgg_features=None, devices=None
         z_key, gen_key = _step_keys(state, 1)
         cameras, flame = fake_conditions(batch)
         z = global_latents(z_key, cameras.shape[0], z_dim)
+        cond = swap_conditioning(jax.random.fold_in(gen_key, 7), cameras, gpc_prob)
         fake = generate_images(config, generator, state.g_vars, z, cameras, flame, gen_key,
-                               train=True, style_mixing_prob=mixing,
-                               noise_mode=noise_mode)["images"]
+                               train=True, style_mixing_prob=mixing, noise_mode=noise_mode,
+                               cond_cameras=cond)["images"]
         fake = jax.lax.stop_gradient(fake)
 
         def loss_fn(d_params):
@@ -369,10 +389,12 @@ def train_iteration(steps, state, batch, ema_decay, step: int, r1_interval: int)
 # ------------------------------------------------------------------------------------------
 
 def make_sample_fn(config, generator):
-    """jit: (g_vars, z (B,z), cameras (B,25), flame) → images (B,R,R,3) in [-1,1] (const noise)."""
-    def sample(g_vars, z, cameras, flame):
+    """jit: (g_vars, z (B,z), cameras (B,25), flame, cond_cameras (B,25)) → images (B,R,R,3) in
+    [-1,1] (const noise), rendered at `cameras`, the mapping conditioned on `cond_cameras`."""
+    def sample(g_vars, z, cameras, flame, cond_cameras):
         return generate_images(config, generator, g_vars, z, cameras, flame,
-                               jax.random.PRNGKey(0), train=False)["images"]
+                               jax.random.PRNGKey(0), train=False,
+                               cond_cameras=cond_cameras)["images"]
     return jax.jit(sample)
 
 
@@ -398,13 +420,16 @@ def sample_grid_inputs(config, source, num_latents=4, seed=1234):
 
 
 def render_sample_grid(sample_fn, g_vars, z, columns) -> np.ndarray:
-    """(rows·R, cols·R, 3) uint8 grid."""
+    """(rows·R, cols·R, 3) uint8 grid; the mapping is conditioned on the frontal camera (as
+    EG3D renders its videos), so the columns show one 3D head from several cameras."""
+    from rasterizer.types import look_at_eg3d_label
+    n = z.shape[0]
+    frontal = np.repeat(look_at_eg3d_label(0.0, 0.0)[None], n, 0)
     rows = []
     for camera, flame in columns:
-        n = z.shape[0]
         cams = np.repeat(camera[None], n, 0)
         fl = {k: np.repeat(v[None], n, 0) for k, v in flame.items()}
-        rows.append(_to_uint8(sample_fn(g_vars, z, cams, fl)))
+        rows.append(_to_uint8(sample_fn(g_vars, z, cams, fl, frontal)))
     grid = np.stack(rows, axis=1)  # (n, cols, R, R, 3)
     n, cols, r = grid.shape[:3]
     return grid.transpose(0, 2, 1, 3, 4).reshape(n * r, cols * r, 3)
@@ -423,7 +448,8 @@ def evaluate_swd(config, sample_fn, g_vars, source, num_images, seed=0, batch=16
         cams = np.stack([np.asarray(r["camera"], np.float32) for r in records])
         flame = {k: np.stack([np.asarray(r[k], np.float32) for r in records]) for k in FLAME_KEYS}
         z = rng.standard_normal((len(records), config.model.z_dim)).astype(np.float32)
-        fake.append(_to_uint8(sample_fn(g_vars, z, cams, flame)))
+        # EG3D's metrics condition the mapping on the same camera the image is rendered from.
+        fake.append(_to_uint8(sample_fn(g_vars, z, cams, flame, cams)))
         real.append(np.stack([_resize_uint8(np.asarray(r["image"]), config.render.resolution)
                               for r in records]))
     return metrics.swd(np.concatenate(real), np.concatenate(fake), seed=seed)
@@ -465,7 +491,8 @@ def prepare_data(config):
         t0 = time.time()
         synthetic.make_synthetic_dataset(path, config.data.synthetic_num_images,
                                          config.render.resolution, seed=config.seed,
-                                         background=config.render.background)
+                                         background=config.render.background,
+                                         uv_resolution=config.data.synthetic_uv_resolution)
         print(f"  done in {time.time() - t0:.0f}s", flush=True)
     import tensorflow_datasets as tfds
     from absl import logging as absl_logging
@@ -629,13 +656,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
             if step % config.train.swd_every == 0 and step != total_steps:
                 swd = measure_swd(unreplicate(state.g_ema), step)
                 print(f"swd at step {step}: {swd:.2f}", flush=True)
-            if step % config.train.checkpoint_every == 0 or step == total_steps:
-                save(step)
+            if step % config.train.checkpoint_every == 0 and step != total_steps:
+                save(step)  # the last step is saved after the final SWD, below
             if stop["requested"]:
                 raise _StopRequested()
     except (KeyboardInterrupt, _StopRequested):
-        print(f"Interrupted at step {step}: saving a checkpoint before exiting.", flush=True)
-        save(step)
+        if step not in checkpointer.steps():
+            print(f"Interrupted at step {step}: saving a checkpoint before exiting.", flush=True)
+            save(step)
+        else:
+            print(f"Interrupted at step {step}, which is already saved.", flush=True)
         checkpointer.close()
         signal.signal(signal.SIGTERM, previous)
         raise SystemExit(130)

@@ -35,6 +35,7 @@ def tiny_config():
     c.train.batch_size = 4
     c.train.style_mixing_prob = 0.0
     c.train.noise_mode = "const"
+    c.train.gpc_reg_prob = 0.0    # the swap rolls within a device's batch (see test_pmap)
     c.loss.r1_interval = 2
     # Adam's first step is g/(|g| + eps): with eps = 1e-8 it is sign(g), so gradients that are
     # ~0 and differ only by float summation order (1 vs 2 devices) flip whole updates. A large
@@ -207,3 +208,13 @@ def test_missing_vgg_weights_is_a_clear_error(tmp_path):
     config.loss.vgg16 = str(tmp_path / "vgg16.npz")
     with pytest.raises(FileNotFoundError, match="convert_vgg16"):
         train.build_vgg_features(config)
+
+
+def test_swap_conditioning_rolls_the_batch():
+    cams = jnp.arange(4 * 25, dtype=jnp.float32).reshape(4, 25)
+    key = jax.random.PRNGKey(3)
+    np.testing.assert_array_equal(train.swap_conditioning(key, cams, 0.0), cams)
+    np.testing.assert_array_equal(train.swap_conditioning(key, cams, 1.0), jnp.roll(cams, 1, 0))
+    half = np.asarray(train.swap_conditioning(key, cams, 0.5))
+    for i in range(4):  # each row is its own camera or its neighbour's, never anything else
+        assert (half[i] == cams[i]).all() or (half[i] == cams[i - 1]).all()

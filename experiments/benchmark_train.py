@@ -1,0 +1,104 @@
+"""Training throughput: images/s per device for the compiled train step (issue 5 §9).
+
+  python experiments/benchmark_train.py --configs=demo            # quick, CPU
+  python experiments/benchmark_train.py --configs=demo,ffhq512    # paper size (GPU)
+
+One iteration = G step + D step + (1/r1_interval of) the R1 step, on random in-memory batches
+shaped like the dataset's, after warm-up; median over repeats, with block_until_ready. Prints
+one JSON object per config.
+"""
+import importlib
+import json
+import pathlib
+import statistics
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from absl import app, flags  # noqa: E402
+
+flags.DEFINE_list("configs", ["demo"], "Config modules under configs/ (demo, ffhq256, ffhq512).")
+flags.DEFINE_integer("batch_size", None, "Global batch (default: the config's).")
+flags.DEFINE_integer("warmup", 2, "Untimed iterations (compilation happens here).")
+flags.DEFINE_integer("repeats", 5, "Timed iterations.")
+flags.DEFINE_string("backend", None, "Rasterizer backend override (jax | triton | auto).")
+FLAGS = flags.FLAGS
+
+
+def random_batch(config, num_devices, per_device, rng):
+    import numpy as np
+    from rasterizer.types import look_at_eg3d_label
+    n = num_devices * per_device
+    res = config.render.resolution
+    cams = np.stack([look_at_eg3d_label(rng.uniform(-0.5, 0.5), rng.uniform(-0.2, 0.2))
+                     for _ in range(n)])
+    batch = {"image": rng.uniform(-1, 1, (n, res, res, 3)).astype(np.float32), "camera": cams,
+             "shape": rng.normal(0, 0.5, (n, 100)), "expression": rng.normal(0, 0.5, (n, 50)),
+             "global_pose": np.zeros((n, 3)), "neck_pose": rng.normal(0, 0.05, (n, 3)),
+             "jaw_pose": np.abs(rng.normal(0, 0.1, (n, 3))), "eye_pose": np.zeros((n, 6))}
+    return {k: np.asarray(v, np.float32).reshape((num_devices, per_device) + v.shape[1:])
+            for k, v in batch.items()}
+
+
+def measure(name):
+    import jax
+    import numpy as np
+    from reta3d import train
+    config = importlib.import_module(f"configs.{name}").get_config()
+    if FLAGS.batch_size:
+        config.train.batch_size = FLAGS.batch_size
+    if FLAGS.backend:
+        config.render.backend = FLAGS.backend
+    if config.loss.lambda_id > 0 and config.loss.vgg16 != "random" and \
+            not pathlib.Path(config.loss.vgg16).is_file():
+        config.loss.vgg16 = "random"  # same cost as the pretrained weights
+    num_devices = jax.local_device_count()
+    per_device = config.train.batch_size // num_devices
+    generator = train.build_generator(config)
+    discriminator = train.build_discriminator(config)
+    vgg_features = train.build_vgg_features(config)[0] if config.loss.lambda_id > 0 else None
+    t0 = time.time()
+    state = train.create_train_state(config, generator, discriminator, jax.random.PRNGKey(0))
+    steps = train.make_steps(config, generator, discriminator, vgg_features)
+    state = train.replicate(state)
+    batch = random_batch(config, num_devices, per_device, np.random.default_rng(0))
+    decay = np.full((num_devices,), 0.999, np.float32)
+
+    def timed(fn, *args):
+        nonlocal state
+        start = time.perf_counter()
+        state, metrics = fn(state, *args)
+        jax.block_until_ready(metrics)
+        return time.perf_counter() - start
+
+    phases = {"g_step": (batch, decay), "d_step": (batch,), "d_reg_step": (batch,)}
+    for _ in range(FLAGS.warmup):
+        for phase, args in phases.items():
+            timed(steps[phase], *args)
+    warm = time.time() - t0
+    times = {phase: statistics.median(timed(steps[phase], *args) for _ in range(FLAGS.repeats))
+             for phase, args in phases.items()}
+    iteration = times["g_step"] + times["d_step"] + times["d_reg_step"] / config.loss.r1_interval
+    return {
+        "config": name, "device": jax.devices()[0].device_kind, "num_devices": num_devices,
+        "global_batch": config.train.batch_size, "render_resolution": config.render.resolution,
+        "uv_resolution": config.model.uv_resolution, "num_gaussians": generator.num_gaussians,
+        "backend": train.resolve_backend(config.render.backend),
+        "ms_per_phase": {k: round(v * 1e3, 2) for k, v in times.items()},
+        "ms_per_iteration": round(iteration * 1e3, 2),
+        "images_per_s": round(config.train.batch_size / iteration, 2),
+        "images_per_s_per_device": round(config.train.batch_size / iteration / num_devices, 2),
+        "warmup_s": round(warm, 1), "repeats": FLAGS.repeats,
+        "paper_reference": "about 12 images/s per RTX A6000 (25M images in 6 days on 4 GPUs)",
+    }
+
+
+def main(argv):
+    del argv
+    for name in FLAGS.configs:
+        print(json.dumps(measure(name)), flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)
