@@ -29,25 +29,32 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from absl import app, flags  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("input", None, "state dict file: .pt/.pth (torch.save) or .npz")
-flags.DEFINE_enum("kind", "generator", ["generator", "discriminator", "synthesis", "mapping"],
-                  "which network the state dict holds")
-flags.DEFINE_string("output", None, "output directory (created; an existing checkpoint is replaced)")
-flags.DEFINE_string("config", None, "constructor arguments: a JSON object, or a path to a .json file")
-flags.DEFINE_string("prefix", None, "torch name prefix of the network inside the state dict")
-# Individual constructor overrides (None = keep the config / default value).
-flags.DEFINE_integer("z_dim", None, "latent size")
-flags.DEFINE_integer("c_dim", None, "conditioning label size (25 = EG3D camera, 0 = none)")
-flags.DEFINE_integer("w_dim", None, "intermediate latent size")
-flags.DEFINE_integer("img_resolution", None, "output (G) / input (D) resolution")
-flags.DEFINE_integer("img_channels", None, "output (G: 14 UV features) / input (D: 3) channels")
-flags.DEFINE_integer("channel_base", None, "channels(R) = min(channel_base // R, channel_max)")
-flags.DEFINE_integer("channel_max", None, "maximum channels per layer")
-flags.DEFINE_integer("mapping_layers", None, "number of mapping FC layers")
-flags.DEFINE_float("conv_clamp", None, "activation clamp (omit for the config value; <0 = none)")
-flags.DEFINE_integer("cmap_dim", None, "D: conditioning projection width")
-flags.DEFINE_integer("mbstd_group_size", None, "D: minibatch-std group size")
-flags.DEFINE_integer("mbstd_num_channels", None, "D: minibatch-std channels")
+
+
+def define_flags():
+    """Defined only when run as a program: importing this file for its functions (tests)
+    must not register flags in absl's global registry, where another script may hold the
+    same names."""
+    flags.DEFINE_string("input", None, "state dict file: .pt/.pth (torch.save) or .npz")
+    flags.DEFINE_enum("kind", "generator", ["generator", "discriminator", "synthesis", "mapping"],
+                      "which network the state dict holds")
+    flags.DEFINE_string("output", None, "output directory (created; an existing checkpoint is replaced)")
+    flags.DEFINE_string("config", None, "constructor arguments: a JSON object, or a path to a .json file")
+    flags.DEFINE_string("prefix", None, "torch name prefix of the network inside the state dict")
+    # Individual constructor overrides (None = keep the config / default value).
+    flags.DEFINE_integer("z_dim", None, "latent size")
+    flags.DEFINE_integer("c_dim", None, "conditioning label size (25 = EG3D camera, 0 = none)")
+    flags.DEFINE_integer("w_dim", None, "intermediate latent size")
+    flags.DEFINE_integer("img_resolution", None, "output (G) / input (D) resolution")
+    flags.DEFINE_integer("img_channels", None, "output (G: 14 UV features) / input (D: 3) channels")
+    flags.DEFINE_integer("channel_base", None, "channels(R) = min(channel_base // R, channel_max)")
+    flags.DEFINE_integer("channel_max", None, "maximum channels per layer")
+    flags.DEFINE_integer("mapping_layers", None, "number of mapping FC layers")
+    flags.DEFINE_float("conv_clamp", None, "activation clamp (omit for the config value; <0 = none)")
+    flags.DEFINE_integer("cmap_dim", None, "D: conditioning projection width")
+    flags.DEFINE_integer("mbstd_group_size", None, "D: minibatch-std group size")
+    flags.DEFINE_integer("mbstd_num_channels", None, "D: minibatch-std channels")
+
 
 _OVERRIDE_FLAGS = ("z_dim", "c_dim", "w_dim", "img_resolution", "img_channels", "channel_base",
                    "channel_max", "mapping_layers", "conv_clamp", "cmap_dim", "mbstd_group_size",
@@ -141,4 +148,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -20,8 +20,14 @@ import numpy as np  # noqa: E402
 from reta3d import vgg  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("input", None, f"torchvision VGG16 state dict, e.g. {vgg.VGG16_WEIGHTS_FILE}")
-flags.DEFINE_string("output", "vgg16.npz", "where to write the converted .npz")
+
+
+def define_flags():
+    """Defined only when run as a program: importing this file for its functions (tests)
+    must not register flags in absl's global registry, where another script may hold the
+    same names."""
+    flags.DEFINE_string("input", None, f"torchvision VGG16 state dict, e.g. {vgg.VGG16_WEIGHTS_FILE}")
+    flags.DEFINE_string("output", "vgg16.npz", "where to write the converted .npz")
 
 
 def convert(input_path: str, output_path: str) -> dict:
@@ -69,4 +75,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
