@@ -372,8 +372,9 @@ def unreplicate(tree):
 
 
 def train_iteration(steps, state, batch, ema_decay, step: int, r1_interval: int):
-    """One iteration: G step, D step, and the lazy R1 step when `step % r1_interval == 0`."""
-    num_devices = jax.local_device_count()
+    """One iteration: G step, D step, and the lazy R1 step when `step % r1_interval == 0`.
+    `state` is replicated (leading axis = the devices the steps were pmapped over)."""
+    num_devices = state.step.shape[0]
     decay = jnp.full((num_devices,), ema_decay, jnp.float32)
     state, g_metrics = steps["g_step"](state, batch, decay)
     state, d_metrics = steps["d_step"](state, batch)

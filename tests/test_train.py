@@ -76,36 +76,24 @@ def setup(num_devices):
     config = tiny_config()
     generator = train.build_generator(config)
     discriminator = train.build_discriminator(config)
-    vgg_features = None
     state = train.create_train_state(config, generator, discriminator, jax.random.PRNGKey(0))
-    devices = None
-    steps = train.make_steps(config, generator, discriminator, vgg_features,
+    steps = train.make_steps(config, generator, discriminator, None,
                              devices=jax.local_devices()[:num_devices])
-    return config, state, steps, devices
+    return config, state, steps
 
 
 def run(num_devices, batches, state=None, first_step=0):
-    config, init_state, steps, devices = setup(num_devices)
+    config, init_state, steps = setup(num_devices)
     state = init_state if state is None else state
     state = train.replicate(state, jax.local_devices()[:num_devices])
     history = []
     for i, batch in enumerate(batches):
         step = first_step + i
         batch = per_device(batch, num_devices)
-        state, metrics = train_iteration(steps, state, batch, config, step, num_devices)
+        state, metrics = train.train_iteration(steps, state, batch, train.ema_beta(config, step),
+                                               step, config.loss.r1_interval)
         history.append({k: float(np.asarray(v)[0]) for k, v in metrics.items()})
     return jax.device_get(train.unreplicate(state)), history
-
-
-def train_iteration(steps, state, batch, config, step, num_devices):
-    decay = jnp.full((num_devices,), train.ema_beta(config, step), jnp.float32)
-    state, g_metrics = steps["g_step"](state, batch, decay)
-    state, d_metrics = steps["d_step"](state, batch)
-    metrics = {**g_metrics, **d_metrics}
-    if step % config.loss.r1_interval == 0:
-        state, r_metrics = steps["d_reg_step"](state, batch)
-        metrics.update(r_metrics)
-    return state, metrics
 
 
 def assert_trees_close(a, b, rtol=2e-4, atol=2e-5):
@@ -126,7 +114,7 @@ def test_two_devices_match_one_device_with_same_global_batch():
     assert_trees_close(one.d_vars, two.d_vars)
     assert_trees_close(one.g_ema, two.g_ema)
     # The parameters really moved (a step that did nothing would pass the comparison).
-    _, init, _, _ = setup(1)
+    _, init, _ = setup(1)
     moved = jax.tree_util.tree_map(lambda x, y: float(np.abs(np.asarray(x) - np.asarray(y)).max()),
                                    one.g_vars["params"], init.g_vars["params"])
     assert max(jax.tree_util.tree_leaves(moved)) > 1e-4
@@ -140,7 +128,7 @@ def test_resume_from_checkpoint_matches_uninterrupted(tmp_path):
     half, _ = run(1, batches[:2])
     ck = Checkpointer(tmp_path)
     ck.save(2, half, {"loader": {}})
-    _, template, _, _ = setup(1)
+    _, template, _ = setup(1)
     step, restored, _ = Checkpointer(tmp_path).restore_latest(template)
     assert step == 2 and int(restored.step) == 2
     resumed, _ = run(1, batches[2:], state=restored, first_step=2)
@@ -150,7 +138,7 @@ def test_resume_from_checkpoint_matches_uninterrupted(tmp_path):
 
 
 def test_one_compilation_per_phase():
-    config, state, steps, devices = setup(1)
+    config, state, steps = setup(1)
     batches = make_batches(3, 4, 32, seed=2)
     run(1, batches)
     counts = steps["trace_counts"]
@@ -173,7 +161,7 @@ def test_ema_beta_follows_stylegan2():
 
 
 def test_fit_flame_truncates_to_the_model():
-    config, _, _, _ = setup(1)
+    config, _, _ = setup(1)
     model = train.build_generator(config).flame_model
     flame = {k: jnp.ones((2, n)) for k, n in
              [("shape", 100), ("expression", 50), ("global_pose", 3), ("neck_pose", 3),
