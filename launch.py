@@ -23,8 +23,11 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    from reta3d import train
+    from reta3d import compilation_cache, train
     logging.set_verbosity(logging.WARNING)
+    cache = compilation_cache.enable()
+    print(f"JAX compilation cache: {cache or 'off'} (RETA3D_COMPILATION_CACHE=off disables it)",
+          flush=True)
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 

@@ -23,6 +23,9 @@ def get_config():
     c.head.flame_model = ml_collections.FieldReference(None, field_type=str)
     c.head.flame_uv = ml_collections.FieldReference(None, field_type=str)
     c.head.frame_kind = "consecutive"  # ablation (Tab. 1c): "global" | "naive" | "consecutive"
+    # ln γs (Sec. 2.1: the spacing of adjacent Gaussians). None measures the texel spacing at
+    # the configured UV resolution (e^-5.51 for the template at 256²); a number fixes it.
+    c.head.log_gamma_s = ml_collections.FieldReference(None, field_type=float)
 
     # Generator (Sec. 2.2-2.3).
     c.model = ml_collections.ConfigDict()
@@ -53,6 +56,9 @@ def get_config():
     c.render.resolution = 512
     c.render.backend = "auto"          # "jax" | "triton" | "auto" (triton on GPU)
     c.render.background = 1.0          # white background, as FFHQ crops are matted to nothing
+    # Tile-intersection slots per image; None = the rasterizer's default. Training grows it
+    # (and recompiles) when a step overflows, with a warning; see train.check_overflow.
+    c.render.capacity = ml_collections.FieldReference(None, field_type=int)
 
     # Losses, Eq. 2.
     c.loss = ml_collections.ConfigDict()

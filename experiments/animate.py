@@ -16,63 +16,56 @@ the texel binding and the rasterizer. Several identities (--seeds) are rendered 
 (missing arrays are zeros; all T equal; finite). --frames keeps the first N frames of a file.
 The builtins drive the embedded template head's named expression components (blink, smile, ...);
 for a real FLAME model they fall back to pose (jaw, neck, eyes); name FLAME components with
---expression_components=smile=K,... to drive them too (reta3d/inference.py:builtin_sequence).
+--expression_components=smile=K,... to drive them too (reta3d/sequences.py:builtin_sequence).
 
 Writes OUT (.mp4 or .gif) and OUT_timing.json (per-frame times; with --realtime the sustained
-FPS of the per-frame path: all frames dispatched back to back, one block at the end).
+FPS of the per-frame path: all frames dispatched back to back, one block at the end; and
+"rasterizer_overflow": tile intersections dropped beyond --capacity, with a warning line on
+stderr when any were).
 """
-import json
 import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from reta3d import cli  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints: G_ema).")
-config_flags.DEFINE_config_file("config", None, "Config file (with --random_init).",
-                                lock_config=True)
-flags.DEFINE_bool("random_init", False, "Random weights from --config (no trained model).")
-flags.DEFINE_integer("init_seed", 0, "PRNG seed of --random_init weights.")
+cli.define_generator_flags(psi=True)
+cli.define_render_flags()
 flags.DEFINE_string("flame_sequence", "builtin:talk",
                     "builtin:talk|blink|nod|smile or a FLAME sequence .npz.")
 flags.DEFINE_integer("frames", None, "Length of a builtin / most frames kept of a file.")
 flags.DEFINE_integer("seed", None, "One identity seed (shorthand for --seeds=N).")
 flags.DEFINE_string("seeds", "0", "Identity seeds side by side: ranges and lists, e.g. 0-2.")
-flags.DEFINE_float("psi", 1.0, "Truncation psi (1 = none).")
 flags.DEFINE_enum("camera", "fixed", ["fixed", "orbit"], "Frontal camera, or one orbit per clip.")
 flags.DEFINE_bool("realtime", False, "Measure sustained FPS (no per-frame host sync).")
 flags.DEFINE_float("fps", None, "Video frame rate (default: the sequence's fps, or 30).")
 flags.DEFINE_string("expression_components", None,
                     "Name FLAME expression components for the builtins, e.g. smile=1,blink=7.")
-flags.DEFINE_integer("resolution", None, "Render size (default: the config's render.resolution).")
-flags.DEFINE_enum("backend", None, ["auto", "jax", "triton"], "Rasterizer backend (default: config).")
 flags.DEFINE_string("out", "out/animation.mp4", "Output video (.mp4 or .gif).")
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)
-    from reta3d import inference
+    cli.start(argv)
+    from reta3d import inference, sequences, video
 
-    seeds = [FLAGS.seed] if FLAGS.seed is not None else inference.parse_seeds(FLAGS.seeds)
-    names = inference.parse_expression_components(FLAGS.expression_components) or None
-    config, generator, g_vars = inference.load_generator(
-        workdir=FLAGS.workdir, config=FLAGS.config, random_init=FLAGS.random_init,
-        seed=FLAGS.init_seed)
+    seeds = [FLAGS.seed] if FLAGS.seed is not None else cli.parse_seeds(FLAGS.seeds)
+    names = cli.parse_expression_components(FLAGS.expression_components) or None
+    config, generator, g_vars = cli.load_generator_from_flags()
     if names is not None:
-        names = {**inference.template_expression_index(generator.flame_model), **names}
+        names = {**sequences.template_expression_index(generator.flame_model), **names}
     timing = inference.animate_to_video(
         config, generator, g_vars, seeds, FLAGS.flame_sequence, FLAGS.out,
         num_frames=FLAGS.frames, camera=FLAGS.camera, realtime=FLAGS.realtime,
-        truncation_psi=FLAGS.psi, fps=FLAGS.fps, resolution=FLAGS.resolution,
-        backend=FLAGS.backend, expression_index=names)
+        truncation_psi=FLAGS.psi, fps=FLAGS.fps, expression_index=names,
+        **cli.render_options())
     summary = {k: v for k, v in timing.items() if k != "frame_ms"}
-    summary["timing_json"] = str(inference.timing_path(FLAGS.out))
-    print(json.dumps(summary, indent=2))
+    summary["timing_json"] = str(video.timing_path(FLAGS.out))
+    cli.print_json(summary)
+    cli.warn_overflow(timing["rasterizer_overflow"])
 
 
 if __name__ == "__main__":

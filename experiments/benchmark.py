@@ -13,6 +13,9 @@ Protocol (paper): batch 1, 5 identities, 240 FLAME frames (builtin:talk by defau
 warm-up (compilation excluded), every timed call ended by block_until_ready; Gen and Rend are
 the median of --repeats runs per identity. --throughput runs the same at batch --batch (32):
 FPS then counts images (batch / time). --identities/--frames shorten the protocol.
+"rasterizer_overflow" reports, for Rend and Dri, the tile intersections the rasterizer dropped
+beyond --capacity (default: its own); a warning line goes to stderr when any were (a run that
+drops intersections renders less than a complete picture, so its FPS flatters).
 
 Paper's numbers (one RTX 2080 Ti, batch 1, 512²): Gen 203, Rend 129.9, Dri 79.2 FPS. Note
 1/(1/203 + 1/129.9) = 79.2: the paper's Dri equals running Gen AND Rend for every frame; this
@@ -24,31 +27,25 @@ script follows the paper's text (static part once per identity, Sec. 2.3) and al
   python experiments/benchmark.py --config=configs/demo.py --random_init --identities=2 --frames=24
   python experiments/benchmark.py --workdir=runs/ffhq512 --out=out/runtime.json
 """
-import json
 import pathlib
 import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from reta3d import cli  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints: G_ema).")
-config_flags.DEFINE_config_file("config", None, "Config file (with --random_init).",
-                                lock_config=True)
-flags.DEFINE_bool("random_init", False, "Random weights from --config (no trained model).")
-flags.DEFINE_integer("init_seed", 0, "PRNG seed of --random_init weights.")
+cli.define_generator_flags()
+cli.define_render_flags()
+cli.define_timing_flags(repeats=10, warmup=2)
 flags.DEFINE_integer("identities", 5, "Identities (paper: 5).")
 flags.DEFINE_integer("frames", 240, "FLAME frames per identity for Dri (paper: 240).")
 flags.DEFINE_string("flame_sequence", "builtin:talk", "Dri's FLAME sequence (builtin or .npz).")
-flags.DEFINE_integer("repeats", 10, "Timed Gen / Rend runs per identity.")
-flags.DEFINE_integer("warmup", 2, "Untimed runs after compilation.")
 flags.DEFINE_bool("throughput", False, "Batch --batch instead of 1 (images per second).")
 flags.DEFINE_integer("batch", 32, "Batch size of --throughput.")
-flags.DEFINE_integer("resolution", None, "Render size (default: the config's render.resolution).")
-flags.DEFINE_enum("backend", None, ["auto", "jax", "triton"], "Rasterizer backend (default: config).")
 flags.DEFINE_string("out", None, "Also write the JSON here.")
 
 PAPER = {"hardware": "one NVIDIA RTX 2080 Ti, batch 1, 512x512 (paper Tab. 1b, 'Ours')",
@@ -64,31 +61,27 @@ def _timed(fn, *args):
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)
+    cli.start(argv)
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     import rasterizer
     from rasterizer.render import resolve_backend
-    from reta3d import inference
+    from reta3d import cameras, inference, sequences
 
     if FLAGS.identities < 1 or FLAGS.frames < 1 or FLAGS.repeats < 1 or FLAGS.batch < 1:
         raise app.UsageError("--identities, --frames, --repeats and --batch must be >= 1")
-    config, generator, g_vars = inference.load_generator(
-        workdir=FLAGS.workdir, config=FLAGS.config, random_init=FLAGS.random_init,
-        seed=FLAGS.init_seed)
+    config, generator, g_vars = cli.load_generator_from_flags()
     batch = FLAGS.batch if FLAGS.throughput else 1
-    resolution = int(FLAGS.resolution or config.render.resolution)
-    backend = FLAGS.backend or config.render.backend
+    frame_fn = inference.make_frame_fn(config, generator, **cli.render_options())
+    resolution, backend, capacity = frame_fn.resolution, frame_fn.backend, frame_fn.capacity
     model = generator.flame_model
-    neutral = {k: np.repeat(v, batch, axis=0) for k, v in inference.neutral_flame(model).items()}
-    c = inference.conditioning_labels(config, batch)
+    neutral = {k: np.repeat(v, batch, axis=0) for k, v in sequences.neutral_flame(model).items()}
+    c = cameras.conditioning_labels(config, batch)
     z = inference.latents_for_seeds(range(FLAGS.identities * batch), config.model.z_dim)
     z = z.reshape(FLAGS.identities, batch, -1)
-    labels = np.repeat(inference.frontal_label()[None], batch, axis=0)
+    labels = np.repeat(cameras.frontal_label()[None], batch, axis=0)
     background = jnp.full((3,), float(config.render.background), jnp.float32)
 
     @jax.jit
@@ -100,7 +93,9 @@ def main(argv):
     @jax.jit
     def rend_fn(gaussians, labels):
         camera = rasterizer.Camera.from_eg3d(labels, resolution)
-        return rasterizer.render(gaussians, camera, background=background, backend=backend).color
+        out = rasterizer.render(gaussians, camera, background=background, backend=backend,
+                                capacity=capacity)
+        return out.color, out.overflow
 
     def warm(fn, *args):
         seconds = _timed(fn, *args)
@@ -118,22 +113,29 @@ def main(argv):
     rend_times = []
     for gaussians in gaussians_all:
         rend_times += [_timed(rend_fn, gaussians, labels) for _ in range(FLAGS.repeats)]
+    rend_overflow = np.stack([np.asarray(rend_fn(g, labels)[1]) for g in gaussians_all])
 
-    sequence, _ = inference.get_sequence(FLAGS.flame_sequence, model, FLAGS.frames)
+    sequence, _ = sequences.get_sequence(FLAGS.flame_sequence, model, FLAGS.frames)
     num_frames = int(sequence["expression"].shape[0])
     sequence = {k: jnp.asarray(v) for k, v in sequence.items()}
-    camera_labels = jnp.asarray(inference.camera_path("fixed", num_frames))
-    frame_fn = inference.make_frame_fn(config, generator, resolution, backend)
+    camera_labels = jnp.asarray(cameras.camera_path("fixed", num_frames))
     indices = [jnp.asarray(t, jnp.int32) for t in range(num_frames)]
 
     def static_fn(zi):
         return generator.jit_generate_static(g_vars, zi, c)
 
+    def frames_back_to_back(static):
+        """Every frame dispatched with no host sync → (last frame's output, every frame's
+        overflow); earlier frames' images are dropped as soon as they are computed."""
+        overflow, last = [], None
+        for t in indices:
+            last = frame_fn(g_vars, static, sequence, t, camera_labels)
+            overflow.append(last[1])
+        return last, overflow
+
     def drive(zi):
         """Static part once, then every frame dispatched back to back; one block at the end."""
-        static = static_fn(zi)
-        out = [frame_fn(g_vars, static, sequence, t, camera_labels) for t in indices]
-        return out[-1]
+        return frames_back_to_back(static_fn(zi))[0]
 
     start = time.perf_counter()
     static0 = jax.block_until_ready(static_fn(z[0]))
@@ -142,14 +144,17 @@ def main(argv):
     for _ in range(FLAGS.warmup):
         _timed(frame_fn, g_vars, static0, sequence, indices[0], camera_labels)
     dri_times = [_timed(drive, z[i]) for i in range(FLAGS.identities)]
-    frame_path_times = []
+    frame_path_times, dri_overflow = [], []
     for i in range(FLAGS.identities):
         static = jax.block_until_ready(static_fn(z[i]))
         start = time.perf_counter()
-        jax.block_until_ready([frame_fn(g_vars, static, sequence, t, camera_labels)
-                               for t in indices][-1])
+        last, overflow = frames_back_to_back(static)
+        jax.block_until_ready(last)
         frame_path_times.append(time.perf_counter() - start)
+        dri_overflow.append(np.stack([np.asarray(o) for o in overflow]))
 
+    overflow = {"rend": inference.overflow_report(rend_overflow, capacity),
+                "dri": inference.overflow_report(np.stack(dri_overflow), capacity)}
     gen_fps = batch / float(np.median(gen_times))
     rend_fps = batch / float(np.median(rend_times))
     dri_fps = float(np.median([num_frames * batch / t for t in dri_times]))
@@ -175,17 +180,16 @@ def main(argv):
         "repeats": FLAGS.repeats,
         "warmup": FLAGS.warmup,
         "compile_s (first call, excluded)": compile_s,
+        "rasterizer_overflow": overflow,
         "model": {"uv_resolution": config.model.uv_resolution,
                   "mouth_resolution": config.model.mouth_resolution,
                   "weights": "random init" if FLAGS.random_init else f"G_ema of {FLAGS.workdir}",
                   "dtype": config.model.dtype},
         "paper_reference (not measured here)": PAPER,
     }
-    text = json.dumps(result, indent=2)
-    if FLAGS.out:
-        pathlib.Path(FLAGS.out).parent.mkdir(parents=True, exist_ok=True)
-        pathlib.Path(FLAGS.out).write_text(text)
-    print(text)
+    cli.print_json(result, FLAGS.out)
+    for what, report in overflow.items():
+        cli.warn_overflow(report, what)
 
 
 if __name__ == "__main__":

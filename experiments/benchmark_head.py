@@ -7,7 +7,6 @@ with `block_until_ready`.
 
   python experiments/benchmark_head.py [--batch_sizes=1,32] [--repeats=20] [--kind=consecutive]
 """
-import json
 import pathlib
 import sys
 import time
@@ -16,14 +15,14 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from absl import app, flags  # noqa: E402
 
+from reta3d import cli  # noqa: E402
+
+cli.define_flame_model_flags()
+cli.define_timing_flags(repeats=20, warmup=3)
 flags.DEFINE_list("batch_sizes", ["1", "32"], "Batch sizes (heads per call) to time.")
-flags.DEFINE_integer("repeats", 20, "Timed runs per batch size (after warm-up).")
-flags.DEFINE_integer("warmup", 3, "Untimed runs per batch size after compilation.")
 flags.DEFINE_enum("kind", "consecutive", ["consecutive", "naive", "global"], "Frame kind.")
 flags.DEFINE_integer("face_resolution", 256, "Face UV map resolution R.")
 flags.DEFINE_integer("mouth_resolution", 64, "Mouth patch resolution.")
-flags.DEFINE_string("flame_model", None, "FLAME model file (.pkl/.npz); default: template.")
-flags.DEFINE_string("flame_uv", None, "FLAME UV file; default: the model's own UVs.")
 flags.DEFINE_integer("seed", 0, "Seed of the random features and FLAME parameters.")
 FLAGS = flags.FLAGS
 
@@ -51,7 +50,7 @@ def main(argv):
     import jax
     import numpy as np
 
-    from reta3d import binding, flame
+    from reta3d import binding, flame, inference
 
     model = flame.load(FLAGS.flame_model, FLAGS.flame_uv)
     start = time.perf_counter()
@@ -90,10 +89,9 @@ def main(argv):
             "first_call_s (compile + run)": compile_seconds,
         })
 
-    print(json.dumps({
+    cli.print_json({
         "benchmark": "head_gaussians (FLAME forward + to_world + normals + frames + decode)",
-        "device": jax.devices()[0].device_kind,
-        "platform": jax.devices()[0].platform,
+        **inference.device_description(),
         "kind": FLAGS.kind,
         "flame_model": FLAGS.flame_model or "template",
         "face_resolution": FLAGS.face_resolution,
@@ -104,7 +102,7 @@ def main(argv):
         "repeats": FLAGS.repeats,
         "warmup": FLAGS.warmup,
         "results": results,
-    }, indent=2))
+    })
 
 
 if __name__ == "__main__":

@@ -18,16 +18,16 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from absl import app, flags  # noqa: E402
 
+from reta3d import cli  # noqa: E402
+
+cli.define_flame_model_flags()
+cli.define_timing_flags(repeats=20, warmup=3)
 flags.DEFINE_list("batch_sizes", ["1", "32"], "Batch sizes (identities / frames per call).")
 flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Convolution compute dtypes to time.")
 flags.DEFINE_list("functions", ["generate_static", "animate", "animate_static_only", "dynamic_module"],
                   "Functions to time: generate_static, animate (with G_d), animate_static_only "
                   "(use_dynamic=False, the I_s path), dynamic_module (G_d alone).")
-flags.DEFINE_integer("repeats", 20, "Timed runs per measurement (after warm-up).")
-flags.DEFINE_integer("warmup", 3, "Untimed runs per measurement after compilation.")
 flags.DEFINE_bool("small", False, "Tiny configuration (GeneratorConfig.small()) for a quick CPU run.")
-flags.DEFINE_string("flame_model", None, "FLAME model file (.pkl/.npz); default: the template head.")
-flags.DEFINE_string("flame_uv", None, "FLAME UV file (head_template.obj or .npz).")
 flags.DEFINE_integer("seed", 0, "Seed of the weights, latents and FLAME parameters.")
 FLAGS = flags.FLAGS
 
@@ -87,7 +87,7 @@ def main(argv):
     import jax
     import jax.numpy as jnp
 
-    from reta3d import flame
+    from reta3d import flame, inference
     from reta3d.networks import generator as g
 
     unknown = sorted(set(FLAGS.functions) - set(_FUNCTIONS))
@@ -139,10 +139,9 @@ def main(argv):
                 results.append(entry)
                 print(json.dumps(entry), file=sys.stderr, flush=True)
 
-    print(json.dumps({
+    cli.print_json({
         "benchmark": "RETA3D generator: generate_static / animate",
-        "device": jax.devices()[0].device_kind,
-        "platform": jax.devices()[0].platform,
+        **inference.device_description(),
         "config": "small" if FLAGS.small else "paper",
         "uv_resolution": base.uv_resolution,
         "mouth_resolution": base.mouth_resolution,
@@ -158,7 +157,7 @@ def main(argv):
         "repeats": FLAGS.repeats,
         "warmup": FLAGS.warmup,
         "results": results,
-    }, indent=2))
+    })
 
 
 if __name__ == "__main__":

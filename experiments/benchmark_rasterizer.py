@@ -22,15 +22,16 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from reta3d import cli  # noqa: E402
+
 FLAGS = flags.FLAGS
+cli.define_timing_flags(repeats=10, warmup=2)
+cli.define_capacity_flag()
 flags.DEFINE_integer("num_gaussians", 68_000, "Gaussians per head.")
 flags.DEFINE_integer("resolution", 512, "Image width and height.")
 flags.DEFINE_list("batch_sizes", ["1", "8"], "Batch sizes (heads x cameras) to time.")
 flags.DEFINE_list("channels", ["3", "32"], "Color channel counts to time.")
 flags.DEFINE_list("backends", ["jax", "triton", "gsplat"], "Backends to try.")
-flags.DEFINE_integer("warmup", 2, "Untimed runs before timing (compile included).")
-flags.DEFINE_integer("repeats", 10, "Timed runs; the median is reported.")
-flags.DEFINE_integer("capacity", 0, "Intersection capacity (0 = the renderer's default).")
 flags.DEFINE_bool("include_interpreter", False,
                   "Also time the triton backend on CPU (Triton's interpreter: very slow).")
 flags.DEFINE_bool("backward", True, "Also time forward+backward.")

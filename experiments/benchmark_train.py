@@ -18,10 +18,11 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from absl import app, flags  # noqa: E402
 
+from reta3d import cli  # noqa: E402
+
+cli.define_timing_flags(repeats=5, warmup=2)
 flags.DEFINE_list("configs", ["demo"], "Config modules under configs/ (demo, ffhq256, ffhq512).")
 flags.DEFINE_integer("batch_size", None, "Global batch (default: the config's).")
-flags.DEFINE_integer("warmup", 2, "Untimed iterations (compilation happens here).")
-flags.DEFINE_integer("repeats", 5, "Timed iterations.")
 flags.DEFINE_string("backend", None, "Rasterizer backend override (jax | triton | auto).")
 FLAGS = flags.FLAGS
 

@@ -18,9 +18,10 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from absl import app, flags  # noqa: E402
 
+from reta3d import cli  # noqa: E402
+
+cli.define_flame_model_flags()
 flags.DEFINE_string("out", "out/head.png", "Output PNG (the grid).")
-flags.DEFINE_string("flame_model", None, "FLAME model file (.pkl/.npz); default: template.")
-flags.DEFINE_string("flame_uv", None, "FLAME UV file; default: the model's own UVs.")
 flags.DEFINE_integer("image_size", 256, "Rendered image width = height (pixels).")
 flags.DEFINE_integer("num_yaws", 5, "Number of cameras in the yaw sweep.")
 flags.DEFINE_float("max_yaw", 0.8, "Largest |yaw| of the sweep (radians).")

@@ -12,26 +12,24 @@ The mapping network is conditioned on the frontal camera, as EG3D samples.
   python experiments/sample.py --workdir=runs/demo --expression=1.5,0,-1 --jaw=0.2
 
 Writes OUT/grid.png (rows = seeds; columns = the yaw sweep at pitch 0, then the pitch sweep
-at yaw 0) and OUT/seedNNNN_orbit.mp4 (or .gif with --video_format=gif).
+at yaw 0) and OUT/seedNNNN_orbit.mp4 (or .gif with --video_format=gif), and prints JSON with
+"rasterizer_overflow" (tile intersections dropped beyond --capacity over every grid and orbit
+image; a warning line goes to stderr when any were).
 """
-import json
 import pathlib
 import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from reta3d import cli  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints: G_ema).")
-config_flags.DEFINE_config_file("config", None, "Config file (with --random_init).",
-                                lock_config=True)
-flags.DEFINE_bool("random_init", False, "Random weights from --config (no trained model).")
-flags.DEFINE_integer("init_seed", 0, "PRNG seed of --random_init weights.")
+cli.define_generator_flags(psi=True)
+cli.define_render_flags()
 flags.DEFINE_string("seeds", "0-7", "Identity seeds: ranges and lists, e.g. 0-7 or 1,4,10-12.")
-flags.DEFINE_float("psi", 1.0, "Truncation psi (1 = none).")
 flags.DEFINE_integer("truncation_cutoff", None, "Truncate only the first ws (None = all).")
 flags.DEFINE_list("yaws", ["-0.6", "-0.3", "0", "0.3", "0.6"], "Grid: yaw sweep (radians).")
 flags.DEFINE_list("pitches", ["-0.25", "0.25"], "Grid: pitch sweep at yaw 0 (radians).")
@@ -40,63 +38,65 @@ flags.DEFINE_float("fps", 30.0, "Orbit video frame rate.")
 flags.DEFINE_enum("video_format", "mp4", ["mp4", "gif"], "Orbit video container.")
 flags.DEFINE_string("expression", None, "Comma list of leading FLAME expression coefficients.")
 flags.DEFINE_float("jaw", 0.0, "Jaw opening angle (radians, rotation about x).")
-flags.DEFINE_integer("resolution", None, "Render size (default: the config's render.resolution).")
-flags.DEFINE_enum("backend", None, ["auto", "jax", "triton"], "Rasterizer backend (default: config).")
 flags.DEFINE_integer("chunk", 8, "Cameras rendered per call.")
 flags.DEFINE_string("out", "out/samples", "Output directory.")
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)
+    cli.start(argv)
     import numpy as np
     from PIL import Image
 
-    from reta3d import inference
+    from reta3d import cameras, inference, sequences, video
 
-    seeds = inference.parse_seeds(FLAGS.seeds)
-    yaws = inference.parse_floats(",".join(FLAGS.yaws), "--yaws")
-    pitches = inference.parse_floats(",".join(FLAGS.pitches), "--pitches")
-    expression = inference.parse_floats(FLAGS.expression, "--expression")
+    seeds = cli.parse_seeds(FLAGS.seeds)
+    yaws = cli.parse_floats(",".join(FLAGS.yaws), "--yaws")
+    pitches = cli.parse_floats(",".join(FLAGS.pitches), "--pitches")
+    expression = cli.parse_floats(FLAGS.expression, "--expression")
     if FLAGS.orbit_frames < 0:
         raise app.UsageError("--orbit_frames must be >= 0")
 
-    config, generator, g_vars = inference.load_generator(
-        workdir=FLAGS.workdir, config=FLAGS.config, random_init=FLAGS.random_init,
-        seed=FLAGS.init_seed)
+    config, generator, g_vars = cli.load_generator_from_flags()
     out_dir = pathlib.Path(FLAGS.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    flame = inference.neutral_flame(generator.flame_model, expression, FLAGS.jaw)
-    view_fn = inference.make_view_fn(config, generator, FLAGS.resolution, FLAGS.backend)
-    grid_labels = inference.view_grid_labels(yaws, pitches)
-    orbit_labels = inference.orbit_labels(FLAGS.orbit_frames) if FLAGS.orbit_frames else None
+    flame = sequences.neutral_flame(generator.flame_model, expression, FLAGS.jaw)
+    view_fn = inference.make_view_fn(config, generator, **cli.render_options())
+    grid_labels = cameras.view_grid_labels(yaws, pitches)
+    orbit_labels = cameras.orbit_labels(FLAGS.orbit_frames) if FLAGS.orbit_frames else None
     z_all = inference.latents_for_seeds(seeds, config.model.z_dim)
 
-    rows, videos, timings = [], [], []
+    rows, videos, timings, overflow = [], [], [], []
     for row, seed in enumerate(seeds):
         start = time.perf_counter()
         static = inference.generate_static_maps(
-            generator, g_vars, z_all[row:row + 1], inference.conditioning_labels(config, 1),
+            generator, g_vars, z_all[row:row + 1], cameras.conditioning_labels(config, 1),
             FLAGS.psi, FLAGS.truncation_cutoff)
-        rows.append(inference.render_views(view_fn, g_vars, static, flame, grid_labels, FLAGS.chunk))
+        images, counts = inference.render_views(view_fn, g_vars, static, flame, grid_labels,
+                                                FLAGS.chunk)
+        rows.append(images)
+        overflow.append(counts)
         if orbit_labels is not None:
-            frames = inference.render_views(view_fn, g_vars, static, flame, orbit_labels, FLAGS.chunk)
+            frames, counts = inference.render_views(view_fn, g_vars, static, flame,
+                                                    orbit_labels, FLAGS.chunk)
+            overflow.append(counts)
             path = out_dir / f"seed{seed:04d}_orbit.{FLAGS.video_format}"
-            inference.write_video(path, frames, FLAGS.fps)
+            video.write_video(path, frames, FLAGS.fps)
             videos.append(str(path))
         timings.append(time.perf_counter() - start)
         print(f"seed {seed}: {timings[-1]:.2f}s", flush=True)
 
-    grid = inference.image_grid(np.stack(rows))
+    grid = video.image_grid(np.stack(rows))
     grid_path = out_dir / "grid.png"
     Image.fromarray(grid).save(grid_path)
-    print(json.dumps({
+    report = inference.overflow_report(np.concatenate(overflow), view_fn.capacity)
+    cli.print_json({
         "grid": str(grid_path), "videos": videos, "seeds": seeds, "psi": FLAGS.psi,
         "views": grid_labels.shape[0], "resolution": int(rows[0].shape[1]),
         "num_gaussians": generator.num_gaussians,
         "seconds_per_seed (first includes compilation)": timings,
-        **inference.device_description()}, indent=2))
+        "rasterizer_overflow": report,
+        **inference.device_description()})
+    cli.warn_overflow(report)
 
 
 if __name__ == "__main__":

@@ -172,7 +172,17 @@ def _backward_callback(args, width, height):
 # --------------------------------------------------------------------------------------
 
 def _triton_call(*args, kernel, out_shapes, **kwargs):
-    import jax_triton
+    try:
+        import jax_triton
+    except Exception as error:  # noqa: BLE001 - a broken install is as unusable as none
+        # One clear line instead of an import error deep in a jit trace; the same text as
+        # render(backend="triton") raises before tracing (`render.triton_backend_problem`).
+        from rasterizer.render import BackendUnavailableError
+        raise BackendUnavailableError(
+            "rasterizer: the triton backend needs the `jax_triton` package (jax_triton."
+            f"triton_call launches the kernels on the GPU) but `import jax_triton` failed "
+            f"({type(error).__name__}: {error}); pip install jax-triton (offline: from the "
+            "wheelhouse, README 'GPU stack'), or use backend='jax'") from None
     # jax_triton <= 0.3 names the output spec `out_shape`; later releases `out_type`.
     parameters = inspect.signature(jax_triton.triton_call).parameters
     out_key = "out_shape" if "out_shape" in parameters else "out_type"

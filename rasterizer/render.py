@@ -8,6 +8,10 @@ others are unaffected.
 from __future__ import annotations
 
 import functools
+import importlib
+import importlib.util
+import logging
+import os
 from typing import NamedTuple, Optional
 
 import jax
@@ -39,13 +43,94 @@ def _compositor(backend: str):
     return composite_triton
 
 
+class BackendUnavailableError(ImportError):
+    """The triton backend cannot run here: a package it needs is missing or fails to import.
+    The message names the package and what to do (one line)."""
+
+
+_log = logging.getLogger("rasterizer")
+_TRUTHY = ("1", "true", "on", "yes")
+# Import outcome per module name (None = imports), so a missing package costs one failed
+# import per process, not one per render() call.
+_IMPORT_PROBLEMS = {}
+_WARNED = set()
+
+
+def _import_problem(module: str) -> Optional[str]:
+    if module not in _IMPORT_PROBLEMS:
+        try:
+            if module == "triton" and importlib.util.find_spec("triton") is None:
+                # Only looked up, not imported: on CPU triton must be imported after
+                # composite_triton has set TRITON_INTERPRET (see there).
+                raise ModuleNotFoundError("No module named 'triton'")
+            if module != "triton":
+                importlib.import_module(module)
+            _IMPORT_PROBLEMS[module] = None
+        except Exception as error:  # noqa: BLE001 - a broken install is as unusable as none
+            _IMPORT_PROBLEMS[module] = f"{type(error).__name__}: {error}"
+    return _IMPORT_PROBLEMS[module]
+
+
+_INSTALL_HINTS = {
+    "triton": "pip install triton",
+    "jax_triton": "pip install jax-triton (offline: from the wheelhouse, README 'GPU stack')",
+    "torch": "pip install torch",
+}
+
+
+def triton_backend_problem() -> Optional[str]:
+    """None when the triton backend can run here, else a one-line reason naming the package
+    (the text of `BackendUnavailableError` and of the "auto" fallback warning).
+
+    On a GPU (jax's default backend "gpu", TRITON_INTERPRET unset or 0) the kernels launch
+    through `jax_triton.triton_call`, so `triton` and `jax_triton` must import; elsewhere (or
+    with TRITON_INTERPRET=1) Triton's interpreter runs them on CPU torch tensors, so `triton`
+    and `torch` must import. Import outcomes are remembered for the process.
+    """
+    gpu = jax.default_backend() == "gpu"
+    interpreted = os.environ.get("TRITON_INTERPRET", "").strip().lower() in _TRUTHY
+    launcher = "jax_triton" if gpu and not interpreted else "torch"
+    for module in ("triton", "rasterizer.composite_triton", launcher):
+        problem = _import_problem(module)
+        if problem is None:
+            continue
+        if module == "rasterizer.composite_triton":
+            return (f"the triton backend cannot load rasterizer/composite_triton.py ({problem}); "
+                    "use backend='jax' or fix the cause named here")
+        where = ("jax_triton.triton_call launches the kernels on the GPU"
+                 if launcher == "jax_triton"
+                 else "Triton's interpreter runs the kernels on CPU torch tensors")
+        return (f"the triton backend needs the `{module}` package ({where}) but "
+                f"`import {module}` failed ({problem}); {_INSTALL_HINTS[module]}, or use "
+                "backend='jax'")
+    return None
+
+
 def resolve_backend(backend: str) -> str:
-    """"auto" -> "triton" on a GPU, "jax" elsewhere; "jax"/"triton" pass through."""
+    """"auto" -> "triton" on a GPU when it can run there, "jax" elsewhere; "jax" passes through;
+    "triton" is checked.
+
+    On a GPU whose Python lacks `jax_triton` (or `triton`), "auto" falls back to "jax" and logs
+    one warning line (once per process) naming the missing package; "triton" raises
+    `BackendUnavailableError` (an ImportError) with that same line. See
+    `triton_backend_problem`.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if jax.default_backend() == "gpu" else "jax"
-    return backend
+    if backend == "jax":
+        return backend
+    if backend == "auto" and jax.default_backend() != "gpu":
+        return "jax"
+    problem = triton_backend_problem()
+    if problem is None:
+        return "triton"
+    if backend == "triton":
+        raise BackendUnavailableError(f"rasterizer: {problem}")
+    if problem not in _WARNED:
+        _WARNED.add(problem)
+        _log.warning("rasterizer: backend='auto' falls back to the pure-JAX backend: %s",
+                     problem)
+    return "jax"
 
 
 @functools.partial(jax.jit, static_argnames=("backend", "capacity"))
@@ -95,7 +180,8 @@ def render(gaussians: Gaussians, camera: Camera, background: Optional[jax.Array]
     camera: `Camera`, world_to_camera (..., 4, 4), intrinsics (..., 3, 3); an unbatched
       camera (or unbatched Gaussians) is broadcast against a batch of B.
     background: (C,) or (B, C); None = zeros.
-    backend: "jax", "triton" or "auto" (triton when jax.default_backend() == "gpu").
+    backend: "jax", "triton" or "auto" (triton when jax.default_backend() == "gpu" and
+      jax_triton imports; otherwise jax, with one warning line on a GPU: `resolve_backend`).
     capacity: static number K of (Gaussian, tile) intersection slots per image; None =
       `binning.default_capacity(N, W, H)`. Extra intersections are dropped and counted.
     strict: raise if any intersection was dropped: a host check when called eagerly, a

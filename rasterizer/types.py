@@ -87,16 +87,24 @@ class Camera:
 
 def look_at_eg3d_label(yaw: float, pitch: float, radius: float = 2.7,
                        target=(0.0, 0.0, 0.2), focal: float = 4.2647) -> np.ndarray:
-    """EG3D's LookAtPoseSampler pose as a 25-number label (numpy, float32).
+    """EG3D's LookAtPoseSampler pose as a 25-number label (numpy (25,) float32).
 
-    yaw, pitch in radians, 0 = frontal (camera on +z looking at the face). Same formula as
-    EG3D: theta = pi/2 + yaw, phi = pi/2 + pitch, origin on a sphere around `target`,
-    world up = +y, OpenCV camera axes.
+    yaw, pitch in radians, 0 = frontal (camera on +z looking at the face); positive pitch
+    moves the camera down (EG3D: v = π/2 + pitch). Exactly EG3D's `LookAtPoseSampler.sample`
+    (eg3d/camera_utils.py) with h = π/2 + yaw, v = π/2 + pitch:
+        θ = h,  φ = arccos(1 − 2·clamp(v, 1e-5, π − 1e-5)/π),
+        origin = radius·(sin φ cos(π − θ), cos φ, sin φ sin(π − θ))   (a sphere around the
+        WORLD ORIGIN, not around the look-at point), looking at `target`, world up +y,
+    then `create_cam2world_matrix` (OpenCV axes: x right, y down, z forward), and FFHQ's
+    normalised intrinsics (fx = fy = `focal`, cx = cy = 0.5). The frontal camera is at
+    (0, 0, radius), as in FFHQ's labels (distance 2.7).
     """
-    theta = np.pi / 2 + yaw
-    phi = np.clip(np.pi / 2 + pitch, 1e-5, np.pi - 1e-5)
+    h = np.pi / 2 + yaw
+    v = np.clip(np.pi / 2 + pitch, 1e-5, np.pi - 1e-5)
+    theta = h
+    phi = np.arccos(1.0 - 2.0 * v / np.pi)
     target = np.asarray(target, np.float64)
-    origin = target + radius * np.array(
+    origin = radius * np.array(
         [np.sin(phi) * np.cos(np.pi - theta), np.cos(phi), np.sin(phi) * np.sin(np.pi - theta)])
     forward = target - origin
     forward /= np.linalg.norm(forward)

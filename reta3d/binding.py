@@ -267,21 +267,63 @@ def mouth_binding(model, resolution: int = 64) -> TexelBinding:
     return _cached_binding(model, resolution, tuple(model.mouth_rect))
 
 
+def texel_spacing(model, texel_binding: TexelBinding) -> float:
+    """Median distance (EG3D world units) between the surface points of horizontally or
+    vertically adjacent valid texels, on the model's rest mesh (`v_template` → `to_world`).
+
+    This is what the paper calls "the average distance between adjacent sampled Gaussians"
+    (Sec. 2.1, the definition of γs). The median, not the mean: pairs that straddle a UV seam
+    are far apart in 3D and would dominate a mean. Host-side numpy, float64.
+    """
+    vertices = np.asarray(model.to_world(jnp.asarray(model.v_template)[None]), np.float64)[0]
+    faces = np.asarray(model.faces)
+    corners = vertices[faces[texel_binding.face_index]]            # (M, 3, 3)
+    points = np.einsum("mk,mkd->md", texel_binding.bary.astype(np.float64), corners)
+    r = texel_binding.resolution
+    grid = np.full((r, r, 3), np.nan)
+    grid[texel_binding.texel_rc[:, 0], texel_binding.texel_rc[:, 1]] = points
+    distances = np.concatenate([
+        np.linalg.norm(grid[:, 1:] - grid[:, :-1], axis=-1).ravel(),
+        np.linalg.norm(grid[1:] - grid[:-1], axis=-1).ravel()])
+    distances = distances[np.isfinite(distances)]
+    if distances.size == 0:
+        raise ValueError(f"the {r}x{r} binding over {texel_binding.rect} has no two adjacent "
+                         "valid texels: cannot measure the texel spacing")
+    return float(np.median(distances))
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class HeadBinding:
     """The face map binding (R = 256 in the paper) and the mouth patch binding (R = 64).
 
     Gaussians are ordered face first, then mouth.
+
+    face_log_gamma_s / mouth_log_gamma_s: ln γs, the target scale of each map's Gaussians
+    (raw scale 0 ↦ γs, and L_scale pulls towards it). The paper sets γs = e^−5.5 as "the
+    average distance between adjacent sampled Gaussians" of its 256² FLAME map; γs therefore
+    follows the texel spacing, which changes with the UV resolution and the head model, so
+    `from_model` measures it (`texel_spacing`) at the configured resolution.
     """
 
     face: TexelBinding
     mouth: TexelBinding
+    face_log_gamma_s: float = math.log(GAMMA_S)
+    mouth_log_gamma_s: float = math.log(GAMMA_S)
 
     @classmethod
-    def from_model(cls, model, face_resolution: int = 256,
-                   mouth_resolution: int = 64) -> "HeadBinding":
-        return cls(face=face_binding(model, face_resolution),
-                   mouth=mouth_binding(model, mouth_resolution))
+    def from_model(cls, model, face_resolution: int = 256, mouth_resolution: int = 64,
+                   log_gamma_s: Optional[float] = None) -> "HeadBinding":
+        """Bindings at the given resolutions; ln γs per map is the log of its measured texel
+        spacing (`texel_spacing`), or `log_gamma_s` for both maps when given (e.g. −5.5 to
+        use the paper's constant as is)."""
+        face = face_binding(model, face_resolution)
+        mouth = mouth_binding(model, mouth_resolution)
+        if log_gamma_s is None:
+            face_log = math.log(_cached_spacing(model, face))
+            mouth_log = math.log(_cached_spacing(model, mouth))
+        else:
+            face_log = mouth_log = float(log_gamma_s)
+        return cls(face=face, mouth=mouth, face_log_gamma_s=face_log, mouth_log_gamma_s=mouth_log)
 
     @property
     def num_face(self) -> int:
@@ -294,6 +336,29 @@ class HeadBinding:
     @property
     def num_gaussians(self) -> int:
         return self.num_face + self.num_mouth
+
+    @property
+    def log_gamma_s(self) -> np.ndarray:
+        """(N,) float32: ln γs of every Gaussian, face first then mouth."""
+        return np.concatenate([np.full((self.num_face,), self.face_log_gamma_s, np.float32),
+                               np.full((self.num_mouth,), self.mouth_log_gamma_s, np.float32)])
+
+
+_SPACING_CACHE: Dict[Any, float] = {}
+
+
+def _cached_spacing(model, texel_binding: TexelBinding) -> float:
+    # The rest mesh enters the spacing too, so key on it as well as the UV layout.
+    digest = hashlib.sha1(np.ascontiguousarray(np.asarray(model.v_template)).tobytes())
+    key = (_model_key(model), digest.hexdigest(), texel_binding.resolution, texel_binding.rect,
+           float(model.world_scale))
+    with _BINDING_CACHE_LOCK:
+        cached = _SPACING_CACHE.get(key)
+    if cached is None:
+        cached = texel_spacing(model, texel_binding)
+        with _BINDING_CACHE_LOCK:
+            _SPACING_CACHE.setdefault(key, cached)
+    return cached
 
 
 # ----------------------------------------------------------------------------------------
@@ -543,11 +608,13 @@ def _unit_quaternion(q: jax.Array) -> jax.Array:
 
 def decode_texels(features_at_texels: jax.Array, binding: TexelBinding,
                   vertices_world: jax.Array, normals: Optional[jax.Array], up: jax.Array,
-                  faces, kind: str = "consecutive") -> Tuple[Gaussians, Dict[str, jax.Array]]:
+                  faces, kind: str = "consecutive",
+                  log_gamma_s=math.log(GAMMA_S)) -> Tuple[Gaussians, Dict[str, jax.Array]]:
     """Decode features already gathered at the valid texels (B, M, 14) into Gaussians.
 
     vertices_world (B, V, 3) posed mesh in EG3D world space; normals (B, V, 3) its vertex
-    normals (only read for kind="consecutive"); up (B, 3); faces (F, 3).
+    normals (only read for kind="consecutive"); up (B, 3); faces (F, 3); log_gamma_s ln γs,
+    a float or (M,) per texel (scale = exp(raw + ln γs); `HeadBinding` measures it).
     Returns (Gaussians with N = M, aux) where aux holds
       raw            dict of raw channels (see `split_features`)
       surface_points (B, M, 3)    barycentric points p on the posed mesh
@@ -584,7 +651,7 @@ def decode_texels(features_at_texels: jax.Array, binding: TexelBinding,
                                 _unit_quaternion(raw["quat"]))
     gaussians = Gaussians(
         means=means,
-        scales=jnp.exp(raw["scale"] + math.log(GAMMA_S)),
+        scales=jnp.exp(raw["scale"] + jnp.asarray(log_gamma_s, dtype)[..., None]),
         quats=quats,
         opacities=jax.nn.sigmoid(raw["opacity"][..., 0]),
         colors=jax.nn.sigmoid(raw["color"]),
@@ -595,7 +662,7 @@ def decode_texels(features_at_texels: jax.Array, binding: TexelBinding,
 
 def decode_gaussians(features: jax.Array, binding: TexelBinding, vertices_world: jax.Array,
                      normals: Optional[jax.Array], up: jax.Array, faces,
-                     kind: str = "consecutive") -> Gaussians:
+                     kind: str = "consecutive", log_gamma_s=math.log(GAMMA_S)) -> Gaussians:
     """Decode a UV feature map (B, R, R, 14) into Gaussians (N = M valid texels).
 
     Channels: offset 3, scale 3, quaternion 4 (wxyz), color 3, opacity 1.
@@ -612,7 +679,7 @@ def decode_gaussians(features: jax.Array, binding: TexelBinding, vertices_world:
         raise ValueError(f"features must have {NUM_FEATURE_CHANNELS} channels (offset 3, scale "
                          f"3, quat 4, color 3, opacity 1), got {features.shape[-1]}")
     gaussians, _ = decode_texels(gather_texels(features, binding), binding, vertices_world,
-                                 normals, up, faces, kind)
+                                 normals, up, faces, kind, log_gamma_s)
     return gaussians
 
 
@@ -706,10 +773,12 @@ def decode_head(head_binding: HeadBinding, faces, face_features: jax.Array,
         raise ValueError(f"features have batch {face_features.shape[0]} but the posed head "
                          f"has batch {posed.vertices_world.shape[0]}")
     parts = []
-    for feats, binding in ((face_features, head_binding.face),
-                           (mouth_features, head_binding.mouth)):
+    for feats, binding, log_gamma_s in (
+            (face_features, head_binding.face, head_binding.face_log_gamma_s),
+            (mouth_features, head_binding.mouth, head_binding.mouth_log_gamma_s)):
         parts.append(decode_texels(gather_texels(feats, binding), binding,
-                                   posed.vertices_world, posed.normals, posed.up, faces, kind))
+                                   posed.vertices_world, posed.normals, posed.up, faces, kind,
+                                   log_gamma_s))
     gaussians = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs, axis=1),
                                        *[g for g, _ in parts])
     aux = {

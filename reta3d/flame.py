@@ -7,6 +7,13 @@ FLAME 2023 / 2023 Open `.pkl`, or an `.npz` with the same keys) plus FLAME's UV 
 objects and a scipy.sparse `J_regressor`; they are read without chumpy (a restricted
 unpickler stands in for chumpy and keeps each object's stored array).
 
+`load(path)` without a UV layout is enough for linear blend skinning (`forward`, joints,
+normals, `to_world`): converting sequences, fitting, metrics. The UV layout (`vt`, `ft`) and
+the mouth rectangle are needed only to bind Gaussians to UV texels, so they are checked
+lazily: reading `model.vt`, `model.ft` or `model.mouth_rect` on a model that lacks them
+(which `reta3d.binding.face_binding` / `mouth_binding` / `HeadBinding.from_model` do) raises
+a ValueError naming the model file and saying to pass uv_path= FLAME's head_template.obj.
+
 `FlameModel.forward` is FLAME's linear blend skinning exactly as FLAME defines it (the
 official `lbs`/`batch_rigid_transform`), in FLAME coordinates: metres, y up, the face
 looking toward +z, the subject's left at +x. `FlameModel.to_world` maps FLAME
@@ -155,8 +162,9 @@ def vertex_normals(vertices: jax.Array, faces: jax.Array) -> jax.Array:
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["v_template", "shapedirs", "exprdirs", "posedirs", "J_regressor", "weights",
-                 "faces", "vt", "ft"],
-    meta_fields=["parents", "mouth_rect", "world_scale", "world_translation", "name"],
+                 "faces", "uv_vt", "uv_ft"],
+    meta_fields=["parents", "uv_mouth_rect", "world_scale", "world_translation", "name",
+                 "uv_missing", "mouth_missing"],
 )
 @dataclasses.dataclass(frozen=True, eq=False)   # identity hash/eq: it holds arrays
 class FlameModel:
@@ -169,12 +177,17 @@ class FlameModel:
     J_regressor (5, V)      float32  dense joint regressor
     weights     (V, 5)      float32  skinning weights
     faces       (F, 3)      int32    triangles, counter-clockwise seen from outside
-    vt          (T, 2)      float32  UV coordinates in [0, 1] (v up, as in OBJ files)
-    ft          (F, 3)      int32    UV index of each triangle corner
+    uv_vt       (T, 2)      float32  UV coordinates in [0, 1] (v up, as in OBJ files), or None
+    uv_ft       (F, 3)      int32    UV index of each triangle corner, or None
     parents            tuple (-1, 0, 1, 1, 1)
-    mouth_rect         tuple (u0, v0, u1, v1): UV area of the 64x64 mouth patch
+    uv_mouth_rect      tuple (u0, v0, u1, v1): UV area of the 64x64 mouth patch, or None
     world_scale        float, world_translation tuple(3): FLAME -> EG3D world (`to_world`)
     name               str
+    uv_missing         why uv_vt/uv_ft are None (the error `vt`/`ft` raise), else None
+    mouth_missing      why uv_mouth_rect is None (the error `mouth_rect` raises), else None
+
+    Read the UV layout through `vt`, `ft` and `mouth_rect`: they raise that error when the
+    model was loaded without it (LBS does not need it; binding Gaussians to texels does).
     """
 
     v_template: jax.Array
@@ -184,13 +197,43 @@ class FlameModel:
     J_regressor: jax.Array
     weights: jax.Array
     faces: jax.Array
-    vt: jax.Array
-    ft: jax.Array
+    uv_vt: Optional[jax.Array] = None
+    uv_ft: Optional[jax.Array] = None
     parents: Tuple[int, ...] = FLAME_PARENTS
-    mouth_rect: Tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)
+    uv_mouth_rect: Optional[Tuple[float, float, float, float]] = None
     world_scale: float = WORLD_SCALE
     world_translation: Tuple[float, float, float] = WORLD_TRANSLATION
     name: str = "flame"
+    uv_missing: Optional[str] = None
+    mouth_missing: Optional[str] = None
+
+    @property
+    def has_uv_layout(self) -> bool:
+        """True when the model holds a UV layout (texels can be bound to it)."""
+        return self.uv_vt is not None and self.uv_ft is not None
+
+    @property
+    def vt(self) -> jax.Array:
+        """(T, 2) float32 UV coordinates; ValueError if the model was loaded without them."""
+        if self.uv_vt is None:
+            raise ValueError(self.uv_missing or f"head model '{self.name}' has no UV layout (vt)")
+        return self.uv_vt
+
+    @property
+    def ft(self) -> jax.Array:
+        """(F, 3) int32 UV corner indices; ValueError if the model was loaded without them."""
+        if self.uv_ft is None:
+            raise ValueError(self.uv_missing or f"head model '{self.name}' has no UV layout (ft)")
+        return self.uv_ft
+
+    @property
+    def mouth_rect(self) -> Tuple[float, float, float, float]:
+        """(u0, v0, u1, v1), the UV square of the mouth patch; ValueError if it is unknown
+        (no UV layout, or a mouth opening that could not be located and no mouth_rect)."""
+        if self.uv_mouth_rect is None:
+            raise ValueError(self.mouth_missing or self.uv_missing
+                             or f"head model '{self.name}' has no mouth rectangle")
+        return self.uv_mouth_rect
 
     @property
     def num_shape(self) -> int:
@@ -290,15 +333,21 @@ def load(path=None, uv_path=None, mouth_rect: Optional[Sequence[float]] = None,
     path None: the embedded procedural template head (built once per process).
     path: a FLAME model, `.pkl` as distributed (FLAME 2020 generic_model.pkl, FLAME 2023,
       FLAME 2023 Open; read without chumpy) or `.npz` with keys v_template, shapedirs,
-      posedirs, J_regressor, weights, kintree_table, f. Needs its UV layout: uv_path to
-      FLAME's head_template.obj (vt lines and the texture indices of f lines) or an `.npz`
-      with vt, ft; without uv_path the model file's own vt/ft are used if it has them.
+      posedirs, J_regressor, weights, kintree_table, f.
+    uv_path: FLAME's UV layout, head_template.obj (vt lines and the texture indices of f
+      lines) or an `.npz` with vt, ft; without it the model file's own vt/ft are used if it
+      has them. Linear blend skinning does not need a UV layout: without one the model
+      loads and `forward` works, and binding Gaussians to texels (`model.vt`, `model.ft`,
+      `model.mouth_rect`, hence `reta3d.binding`) raises a ValueError naming the model file
+      and saying to pass uv_path.
     mouth_rect: (u0, v0, u1, v1) of the mouth patch in UV; default: the template's, or for
-      FLAME the UV bounding square of the lips around the mouth opening.
+      FLAME the UV bounding square of the lips around the mouth opening (when the opening
+      cannot be located, `model.mouth_rect` raises a ValueError saying to pass mouth_rect).
     num_shape: shapedirs columns that are identity (the rest are expression); default 300
       for FLAME files and the template's own split for the template.
     Errors (missing file or key, wrong shape, non-finite values, UV faces that do not match
-    the model) raise FileNotFoundError / ValueError naming the file and the problem.
+    the model, a malformed mouth_rect) raise FileNotFoundError / ValueError at load, naming
+    the file and the problem.
     """
     if path is None:
         if uv_path is not None:
@@ -327,8 +376,7 @@ def load(path=None, uv_path=None, mouth_rect: Optional[Sequence[float]] = None,
         elif "vt" in arrays and "ft" in arrays:
             uv = (arrays["vt"], arrays["ft"], None)
         else:
-            raise ValueError(f"{path}: a FLAME model needs its UV layout: pass uv_path= FLAME's "
-                             "head_template.obj (from the FLAME website) or an .npz with vt and ft")
+            uv = None   # enough for LBS; `FlameModel.vt` etc. explain what binding needs
         default_split, default_rect = DEFAULT_NUM_SHAPE, None
     return _build_model(arrays, uv, source, name, default_split if num_shape is None else num_shape,
                         mouth_rect if mouth_rect is not None else default_rect,
@@ -402,32 +450,49 @@ def _build_model(arrays, uv, source, name, num_shape, mouth_rect, uv_source) -> 
         raise ValueError(f"{source}: kintree_table parents {parents} are not FLAME's {FLAME_PARENTS}")
 
     faces = _index_array(get["f"], "f", source, num_vertices)
-    vt = _float_array(_as_array(uv[0], "vt", uv_source), "vt", uv_source)
-    if vt.ndim != 2 or vt.shape[1] != 2:
-        raise ValueError(f"{uv_source}: vt must be (T, 2), got shape {vt.shape}")
-    if vt.min() < -1e-3 or vt.max() > 1.0 + 1e-3:
-        raise ValueError(f"{uv_source}: UV coordinates must lie in [0, 1], found [{vt.min()}, {vt.max()}]")
-    ft = _index_array(_as_array(uv[1], "ft", uv_source), "ft", uv_source, len(vt))
-    if ft.shape[0] != faces.shape[0]:
-        raise ValueError(f"{uv_source}: the UV layout has {ft.shape[0]} faces but the model {source} "
-                         f"has {faces.shape[0]}: they must describe the same mesh")
-    ft = _align_uv_faces(faces, ft, uv[2], source, uv_source)
+    vt = ft = uv_missing = mouth_missing = None
+    if uv is None:
+        uv_missing = (f"{source}: loaded without a UV layout. Linear blend skinning does not "
+                      "need one, but binding Gaussians to UV texels does: pass "
+                      "uv_path=head_template.obj to reta3d.flame.load (FLAME's UV layout from "
+                      "https://flame.is.tue.mpg.de/, or an .npz with vt and ft), or "
+                      "--config.head.flame_uv=head_template.obj when training")
+    else:
+        vt = _float_array(_as_array(uv[0], "vt", uv_source), "vt", uv_source)
+        if vt.ndim != 2 or vt.shape[1] != 2:
+            raise ValueError(f"{uv_source}: vt must be (T, 2), got shape {vt.shape}")
+        if vt.min() < -1e-3 or vt.max() > 1.0 + 1e-3:
+            raise ValueError(f"{uv_source}: UV coordinates must lie in [0, 1], found [{vt.min()}, {vt.max()}]")
+        ft = _index_array(_as_array(uv[1], "ft", uv_source), "ft", uv_source, len(vt))
+        if ft.shape[0] != faces.shape[0]:
+            raise ValueError(f"{uv_source}: the UV layout has {ft.shape[0]} faces but the model {source} "
+                             f"has {faces.shape[0]}: they must describe the same mesh")
+        ft = _align_uv_faces(faces, ft, uv[2], source, uv_source)
 
-    if mouth_rect is None:
-        mouth_rect = _mouth_rect_from_mesh(v_template, faces, vt, ft, source)
-    mouth_rect = tuple(float(a) for a in np.asarray(mouth_rect, np.float64).reshape(-1))
-    if (len(mouth_rect) != 4 or not np.all(np.isfinite(mouth_rect))
-            or not (0.0 <= mouth_rect[0] < mouth_rect[2] <= 1.0 and 0.0 <= mouth_rect[1] < mouth_rect[3] <= 1.0)):
-        raise ValueError(f"{source}: mouth_rect must be (u0, v0, u1, v1) inside [0, 1] with u0 < u1, "
-                         f"v0 < v1; got {mouth_rect}")
+    if mouth_rect is None and vt is not None:
+        try:
+            mouth_rect = _mouth_rect_from_mesh(v_template, faces, vt, ft, source)
+        except ValueError as error:   # only the mouth patch needs it: report it when bound
+            mouth_missing = str(error)
+    elif mouth_rect is None:
+        mouth_missing = uv_missing
+    if mouth_rect is not None:
+        mouth_rect = tuple(float(a) for a in np.asarray(mouth_rect, np.float64).reshape(-1))
+        if (len(mouth_rect) != 4 or not np.all(np.isfinite(mouth_rect))
+                or not (0.0 <= mouth_rect[0] < mouth_rect[2] <= 1.0
+                        and 0.0 <= mouth_rect[1] < mouth_rect[3] <= 1.0)):
+            raise ValueError(f"{source}: mouth_rect must be (u0, v0, u1, v1) inside [0, 1] with u0 < u1, "
+                             f"v0 < v1; got {mouth_rect}")
 
     f32 = lambda a: jnp.asarray(a, jnp.float32)   # noqa: E731
     return FlameModel(
         v_template=f32(v_template), shapedirs=f32(shapedirs[..., :num_shape]),
         exprdirs=f32(shapedirs[..., num_shape:]), posedirs=f32(posedirs), J_regressor=f32(regressor),
-        weights=f32(weights), faces=jnp.asarray(faces, jnp.int32), vt=f32(np.clip(vt, 0.0, 1.0)),
-        ft=jnp.asarray(ft, jnp.int32), parents=FLAME_PARENTS, mouth_rect=mouth_rect,
-        world_scale=WORLD_SCALE, world_translation=WORLD_TRANSLATION, name=name)
+        weights=f32(weights), faces=jnp.asarray(faces, jnp.int32),
+        uv_vt=None if vt is None else f32(np.clip(vt, 0.0, 1.0)),
+        uv_ft=None if ft is None else jnp.asarray(ft, jnp.int32), parents=FLAME_PARENTS,
+        uv_mouth_rect=mouth_rect, world_scale=WORLD_SCALE, world_translation=WORLD_TRANSLATION,
+        name=name, uv_missing=uv_missing, mouth_missing=mouth_missing)
 
 
 def _float_array(value, key, source) -> np.ndarray:
@@ -655,7 +720,9 @@ def _mouth_rect_from_mesh(vertices, faces, vt, ft, source):
     unique, counts = np.unique(key, axis=0, return_counts=True)
     boundary = unique[counts == 1]
     if len(boundary) == 0:
-        raise ValueError(f"{source}: cannot locate the mouth (the mesh has no open boundary); pass mouth_rect")
+        raise ValueError(f"{source}: cannot locate the mouth (the mesh has no open boundary), so the "
+                         "mouth patch cannot be bound: pass mouth_rect=(u0, v0, u1, v1), its UV "
+                         "square, to reta3d.flame.load")
     # Connected components of the boundary edges (union-find over vertex ids).
     parent = {int(v): int(v) for v in np.unique(boundary)}
 
@@ -674,7 +741,9 @@ def _mouth_rect_from_mesh(vertices, faces, vt, ft, source):
     candidates = [ids for ids in loops[:-1]
                   if vertices[ids, 0].min() < 0.0 < vertices[ids, 0].max()]
     if not candidates:
-        raise ValueError(f"{source}: cannot locate the mouth opening; pass mouth_rect")
+        raise ValueError(f"{source}: cannot locate the mouth opening (no boundary loop straddles "
+                         "the midline), so the mouth patch cannot be bound: pass "
+                         "mouth_rect=(u0, v0, u1, v1), its UV square, to reta3d.flame.load")
     mouth = max(candidates, key=lambda ids: vertices[ids, 2].mean())
     centre = vertices[mouth].mean(axis=0)
     radius = 1.2 * (vertices[mouth, 0].max() - vertices[mouth, 0].min())

@@ -140,12 +140,14 @@ def offset_regularizer(raw_offsets: jax.Array, mask: jax.Array | None = None) ->
 
 
 def scale_regularizer(
-    scales: jax.Array, gamma_s: float = TARGET_SCALE, mask: jax.Array | None = None
+    scales: jax.Array, gamma_s=TARGET_SCALE, mask: jax.Array | None = None
 ) -> jax.Array:
     """L_reg^scale = 1/N Σ_i ||s_i − γs||₂; scales (B, N, 3) float32 -> scalar.
 
-    s_i is the activated scale exp(raw + ln γs) (world units), γs = e^-5.5 the target;
-    averaging as in `offset_regularizer`.
+    s_i is the activated scale exp(raw + ln γs) (world units); γs the target, a float or an
+    array broadcasting against (B, N, 3) such as (N, 1) per Gaussian (the training step passes
+    `HeadBinding.log_gamma_s`, measured from the texel spacing; the paper's e^-5.5 is the
+    default). Averaging as in `offset_regularizer`.
     """
     chex.assert_rank(scales, 3)
     chex.assert_axis_dimension(scales, 2, 3)

@@ -11,8 +11,25 @@ viewers): `format binary_little_endian 1.0`, one `vertex` element, float32 prope
     scale_0..2       log(scale)          (3DGS stores pre-exp values)
     rot_0..3         quaternion (w, x, y, z), not necessarily normalised
 
+Header: exactly the reference `save_ply`'s (graphdeco-inria/gaussian-splatting, written by
+plyfile): `ply`, `format binary_little_endian 1.0`, `element vertex N`, then one comment (what
+plyfile writes as an element comment, right after the element line), the properties and
+`end_header`, lines ended by '\n'. The vertex count must be on the third line: SIBR's
+`loadPly` (the reference viewer) and the many loaders copied from it read line 3 as
+"element vertex N" at fixed positions, skip to `end_header` and read N fixed-size records.
 Some viewers (SIBR) are compiled for SH degree 3 and expect all 45 f_rest values: write with
-sh_degree=3 for them. `read_ply` accepts any property order, extra properties and f_rest
+sh_degree=3 for them.
+
+Frame: positions, rotations and scales are in EG3D's world, where the heads are generated
+and rendered: y up, the face looking towards +z (the subject's left at +x), the head around
+the origin (FLAME × 2.68, nose tip near (0, 0, 0.2), crown to chin about 0.57 units). The
+frontal camera (`rasterizer.types.look_at_eg3d_label(0, 0)`) sits on the +z axis, 2.7 from the
+origin, looking at (0, 0, 0.2) along −z with image-up = +y and focal length 4.2647 × the image
+size (a 13.4° field of view). Viewers made for COLMAP captures may take y as down (the head
+shows upside down: turn it 180° about x) or start with the camera on −z (the back of the head
+shows: turn it 180° about y).
+
+`read_ply` accepts any property order, extra properties and f_rest
 (ignored: higher SH bands are view-dependent colour that `rasterizer.Gaussians` does not hold).
 Values are clipped before the transforms so the file stays finite: opacity to
 [1e-6, 1 − 1e-6] (logit ±13.8), scales to ≥ float32's smallest normal number.
@@ -68,9 +85,24 @@ def _unbatched(gaussians) -> Dict[str, np.ndarray]:
     return fields
 
 
+HEADER_COMMENT = ("RETA3D Gaussians, 3DGS layout, SH degree {sh_degree}; frame: EG3D world, "
+                  "y up, face towards +z")
+
+
+def header_lines(num: int, sh_degree: int = 0) -> List[str]:
+    """The header lines of a file of `num` Gaussians, without line ends: `ply`, the format,
+    `element vertex N` on line 3 (where SIBR-style loaders read the count), one comment (as
+    plyfile places an element comment), the `property float` lines, `end_header`."""
+    return (["ply", "format binary_little_endian 1.0", f"element vertex {int(num)}",
+             "comment " + HEADER_COMMENT.format(sh_degree=int(sh_degree))]
+            + [f"property float {n}" for n in property_names(sh_degree)] + ["end_header"])
+
+
 def write_ply(path, gaussians, sh_degree: int = 0) -> pathlib.Path:
     """Writes `gaussians` (rasterizer.Gaussians, (N, ·) or (1, N, ·), colours (N, 3) in [0, 1]
-    RGB) to `path` in the 3DGS layout (module docstring). Returns the path."""
+    RGB, in the EG3D world frame) to `path` in the 3DGS layout and header of the module
+    docstring: float32 little-endian records of `property_names(sh_degree)`. Returns the
+    path."""
     fields = _unbatched(gaussians)
     names = property_names(sh_degree)
     num = fields["means"].shape[0]
@@ -90,10 +122,7 @@ def write_ply(path, gaussians, sh_degree: int = 0) -> pathlib.Path:
     record = np.zeros(num, dtype=[(n, "<f4") for n in names])  # normals and f_rest stay 0
     for name, values in columns.items():
         record[name] = values
-    header = "\n".join(["ply", "format binary_little_endian 1.0",
-                        "comment RETA3D Gaussians (3DGS layout, SH degree %d)" % int(sh_degree),
-                        f"element vertex {num}"]
-                       + [f"property float {n}" for n in names] + ["end_header"]) + "\n"
+    header = "\n".join(header_lines(num, sh_degree)) + "\n"
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("wb") as f:

@@ -123,7 +123,8 @@ def _features(colours, geometry, head_binding):
     _, _, _, spacing = geometry
     count, num = colours.shape[:2]
     feats = np.zeros((count, num, 14), np.float32)
-    tangent = np.log(np.maximum(spacing, 1e-6) * 0.75) - math.log(binding_lib.GAMMA_S)
+    # Raw scales relative to the binding's own γs, so they decode to these world sizes.
+    tangent = np.log(np.maximum(spacing, 1e-6) * 0.75) - head_binding.log_gamma_s[None]
     feats[:, :, 3] = tangent - math.log(3.0)  # local x = normal: flatter
     feats[:, :, 4] = tangent
     feats[:, :, 5] = tangent
@@ -199,5 +200,69 @@ def make_synthetic_dataset(path, num_images: int, resolution: int, seed: int = 0
     flame_all["expression"] = np.pad(
         flame_all["expression"],
         ((0, 0), (0, folder_lib.NUM_EXPRESSION - flame_all["expression"].shape[1])))
-    return folder_lib.write_folder(path, np.concatenate(images), np.concatenate(labels),
-                                   flame_all, overwrite=True)
+    folder = folder_lib.write_folder(path, np.concatenate(images), np.concatenate(labels),
+                                     flame_all, overwrite=True)
+    if flame_model is None:  # only the embedded head's datasets are described by a recipe
+        _write_recipe(path, recipe(num_images, resolution, seed, background, uv_resolution,
+                                   mouth_resolution))
+    return folder
+
+
+# Bumped whenever what the synthetic heads look like changes (cameras, γs, textures), so that
+# a dataset built by an older version is rebuilt instead of silently trained on.
+# 2: EG3D's exact look-at cameras (radius around the world origin); measured γs.
+RECIPE_VERSION = 2
+RECIPE_FILE = "synthetic.json"
+
+
+def recipe(num_images: int, resolution: int, seed: int = 0, background: float = 1.0,
+           uv_resolution: int = 128, mouth_resolution: int = 32) -> dict:
+    """What `make_synthetic_dataset` was asked for, with the recipe version (a JSON dict)."""
+    return {"version": RECIPE_VERSION, "num_images": int(num_images),
+            "resolution": int(resolution), "seed": int(seed), "background": float(background),
+            "uv_resolution": int(uv_resolution), "mouth_resolution": int(mouth_resolution)}
+
+
+def _write_recipe(path, value: dict) -> None:
+    import json
+    import os
+    target = pathlib.Path(path) / RECIPE_FILE
+    tmp = target.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(value, indent=1))
+    os.replace(tmp, target)
+
+
+def rebuild_reason(path, wanted: dict):
+    """Why the synthetic dataset at `path` must be (re)built for `wanted`, or None if it is
+    up to date: missing, built by an older recipe version, or with other settings."""
+    import json
+    path = pathlib.Path(path)
+    if not (path / folder_lib.LABELS_FILE).is_file():
+        return "missing"
+    try:
+        have = json.loads((path / RECIPE_FILE).read_text())
+    except (OSError, ValueError):
+        return f"no readable {RECIPE_FILE}: built by an older version"
+    if have.get("version") != wanted["version"]:
+        return f"recipe version {have.get('version')} -> {wanted['version']}"
+    changed = sorted(k for k in wanted if have.get(k) != wanted[k])
+    return f"settings changed: {', '.join(changed)}" if changed else None
+
+
+def reference_alpha(flame, cameras25, resolution: int, uv_resolution: int = 128,
+                    mouth_resolution: int = 32, flame_model=None) -> np.ndarray:
+    """Alpha (B, R, R) float32 of the synthetic dataset's heads (the same Gaussians as
+    `make_synthetic_dataset`: texel-spaced, opacity 0.98) for FLAME parameters (B, k) and EG3D
+    cameras (B, 25). Alpha does not depend on the texture, so any colours do. Used to compare
+    how solid a trained model's heads are with the data it learnt from."""
+    model = flame_lib.load() if flame_model is None else flame_model
+    hb = binding_lib.HeadBinding.from_model(model, uv_resolution, mouth_resolution)
+    geometry = texel_geometry(model, hb)
+    count = np.asarray(cameras25).shape[0]
+    colours = np.full((count, hb.num_gaussians, 3), 0.5, np.float32)
+    face, mouth = _features(colours, geometry, hb)
+    gaussians, _ = binding_lib.head_gaussians(model, hb, face, mouth, flame, "consecutive")
+    camera = rasterizer.Camera.from_eg3d(jnp.asarray(cameras25), resolution)
+    capacity = rasterizer.binning.default_capacity(hb.num_gaussians, resolution, resolution)
+    out = rasterizer.render(gaussians, camera, backend="jax", capacity=4 * capacity)
+    return np.asarray(out.alpha)

@@ -63,7 +63,8 @@ def generator_config(config: ml_collections.ConfigDict) -> generator_lib.Generat
 
 def build_generator(config) -> generator_lib.RETA3DGenerator:
     model = flame_lib.load(config.head.flame_model, config.head.flame_uv)
-    return generator_lib.RETA3DGenerator.create(generator_config(config), model)
+    return generator_lib.RETA3DGenerator.create(generator_config(config), model,
+                                                config.head.get("log_gamma_s"))
 
 
 def build_discriminator(config) -> stylegan2.Discriminator:
@@ -168,6 +169,23 @@ def fake_conditions(batch):
     return batch["camera"], {k: batch[k] for k in FLAME_KEYS}
 
 
+def random_batch(config, num_devices: int, per_device: int, rng):
+    """A random training batch shaped as the loader's, for benchmarks and profiling:
+    images (D, B, R, R, 3) uniform in [-1, 1], look-at cameras (D, B, 25), FLAME fields
+    (D, B, k) float32 with the dataset's widths (100 shape, 50 expression)."""
+    from rasterizer.types import look_at_eg3d_label
+    n = num_devices * per_device
+    res = config.render.resolution
+    cams = np.stack([look_at_eg3d_label(rng.uniform(-0.5, 0.5), rng.uniform(-0.2, 0.2))
+                     for _ in range(n)])
+    batch = {"image": rng.uniform(-1, 1, (n, res, res, 3)), "camera": cams,
+             "shape": rng.normal(0, 0.5, (n, 100)), "expression": rng.normal(0, 0.5, (n, 50)),
+             "global_pose": np.zeros((n, 3)), "neck_pose": rng.normal(0, 0.05, (n, 3)),
+             "jaw_pose": np.abs(rng.normal(0, 0.1, (n, 3))), "eye_pose": np.zeros((n, 6))}
+    return {k: np.asarray(v, np.float32).reshape((num_devices, per_device) + v.shape[1:])
+            for k, v in batch.items()}
+
+
 def swap_conditioning(key, cameras, prob: float):
     """EG3D's generator pose conditioning regulariser: with probability `prob` per sample the
     mapping network sees another sample's camera (the batch rolled by one), so the generator
@@ -186,19 +204,39 @@ def global_latents(key, per_device: int, z_dim: int):
     return jax.lax.dynamic_slice_in_dim(z, jax.lax.axis_index("batch") * per_device, per_device)
 
 
+def render_capacity(config, num_gaussians: int) -> int:
+    """The rasterizer's intersection capacity for training renders: `config.render.capacity`,
+    or the rasterizer's default for N Gaussians at the render resolution."""
+    capacity = config.render.get("capacity")
+    if capacity:
+        return int(capacity)
+    res = config.render.resolution
+    return rasterizer.binning.default_capacity(num_gaussians, res, res)
+
+
 def render_images(config, gaussians, cameras25):
-    """Gaussians (B,N,·) seen by EG3D cameras (B,25) → images (B,R,R,3) in [-1,1]."""
+    """Gaussians (B,N,·) seen by EG3D cameras (B,25) → (images (B,R,R,3) in [-1,1],
+    overflow (B,) int32: tile intersections dropped for lack of capacity)."""
     res = config.render.resolution
     camera = rasterizer.Camera.from_eg3d(cameras25, res)
     background = jnp.full((3,), config.render.background, jnp.float32)
-    out = rasterizer.render(gaussians, camera, background=background, backend=config.render.backend)
-    return out.color * 2.0 - 1.0
+    out = rasterizer.render(gaussians, camera, background=background, backend=config.render.backend,
+                            capacity=render_capacity(config, gaussians.means.shape[-2]))
+    return out.color * 2.0 - 1.0, out.overflow
+
+
+def dropped_fraction(overflow, capacity: int):
+    """Fraction of an image's tile intersections dropped: an image that overflows by o has
+    used all `capacity` slots, so it had capacity + o intersections. (B,) float32."""
+    overflow = overflow.astype(jnp.float32)
+    return overflow / (capacity + overflow)
 
 
 def generate_images(config, generator, g_vars, z, cameras, flame, rng, *, train: bool,
                     static_images: bool = False, style_mixing_prob: float = 0.0,
                     noise_mode: str = "random", cond_cameras=None):
-    """z (B,z_dim), cameras (B,25), FLAME dict → dict(images, [static_images], aux, mapping_state).
+    """z (B,z_dim), cameras (B,25), FLAME dict → dict(images, [static_images], aux,
+    mapping_state, overflow (B,) int32 dropped tile intersections, the larger of the two renders).
 
     `cameras` are the rendering cameras; the mapping network is conditioned on `cond_cameras`
     (default: the same), as EG3D's generator pose conditioning.
@@ -223,11 +261,12 @@ def generate_images(config, generator, g_vars, z, cameras, flame, rng, *, train:
     static = generator.synthesize(g_vars, ws, noise_mode=noise_mode if train else "const",
                                   rng=noise_key)
     gaussians, aux = generator.animate(g_vars, static, flame, use_dynamic=True)
-    out = {"images": render_images(config, gaussians, cameras), "aux": aux,
-           "mapping_state": mapping_state}
+    images, overflow = render_images(config, gaussians, cameras)
+    out = {"images": images, "aux": aux, "mapping_state": mapping_state, "overflow": overflow}
     if static_images:
         gaussians_s, _ = generator.animate(g_vars, static, flame, use_dynamic=False)
-        out["static_images"] = render_images(config, gaussians_s, cameras)
+        out["static_images"], overflow_s = render_images(config, gaussians_s, cameras)
+        out["overflow"] = jnp.maximum(overflow, overflow_s)
     return out
 
 
@@ -257,6 +296,9 @@ def make_steps(config, generator, discriminator, vgg_features=None, devices=None
     mixing = float(config.train.style_mixing_prob)
     noise_mode = config.train.noise_mode
     gpc_prob = float(config.train.gpc_reg_prob)
+    capacity = render_capacity(config, generator.num_gaussians)
+    # L_scale's target per Gaussian, (N, 1): the same γs the decoding uses.
+    gamma_s = jnp.exp(jnp.asarray(generator.head_binding.log_gamma_s))[:, None]
 
     def d_logits(d_params, images, cameras):
         return discriminator.apply({"params": d_params}, images, cameras)
@@ -277,17 +319,17 @@ def make_steps(config, generator, discriminator, vgg_features=None, devices=None
                 "adversarial": losses.generator_adversarial(
                     d_logits(state.d_vars["params"], out["images"], cameras)),
                 "offset": losses.offset_regularizer(aux["offset_raw"]),
-                "scale": losses.scale_regularizer(aux["scales"]),
+                "scale": losses.scale_regularizer(aux["scales"], gamma_s=gamma_s),
                 "dynamic_weights": losses.weight_l2(g_params["dynamic"]),
             }
             if use_id:
                 terms["identity"] = losses.identity_loss(vgg_features, out["images"],
                                                          out["static_images"])
             total = losses.generator_total(terms, weights)
-            return total, (terms, out["mapping_state"])
+            return total, (terms, out["mapping_state"], out["overflow"])
 
-        (total, (terms, mapping_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.g_vars["params"])
+        (total, (terms, mapping_state, overflow)), grads = jax.value_and_grad(
+            loss_fn, has_aux=True)(state.g_vars["params"])
         grads = jax.lax.pmean(grads, "batch")
         mapping_state = jax.lax.pmean(mapping_state, "batch")
         updates, g_opt = g_tx.update(grads, state.g_opt, state.g_vars["params"])
@@ -298,7 +340,10 @@ def make_steps(config, generator, discriminator, vgg_features=None, devices=None
             lambda e, p: p + (e - p) * ema_decay, state.g_ema["params"], g_params))
         metrics = {f"g_{k}": v for k, v in terms.items()}
         metrics["g_total"] = total
+        metrics["render_dropped_fraction"] = jnp.mean(dropped_fraction(overflow, capacity))
         metrics = jax.lax.pmean(metrics, "batch")
+        # The largest overflow of any image on any device: what the capacity must grow by.
+        metrics["render_overflow_max"] = jax.lax.pmax(jnp.max(overflow), "batch")
         return state.replace(g_vars=g_vars, g_ema=g_ema, g_opt=g_opt), metrics
 
     def d_step(state: TrainState, batch):
@@ -472,10 +517,48 @@ class _StopRequested(Exception):
 
 
 def _maybe_initialize_distributed():
-    """Multi-host: `jax.distributed.initialize()` when a coordinator is configured (its usual
-    environment variables, or a cluster it auto-detects such as SLURM / TPU pods)."""
-    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("SLURM_NTASKS", "1") != "1":
-        jax.distributed.initialize()
+    """Multi-host: `jax.distributed.initialize` (before any JAX computation) when a
+    coordinator is configured: JAX_COORDINATOR_ADDRESS (host:port of process 0, reachable
+    from every host) with JAX_NUM_PROCESSES and JAX_PROCESS_ID (0 … N−1), or a cluster JAX
+    auto-detects (SLURM with several tasks, Open MPI, TPU pods), which supplies whatever of
+    the three is unset; not again when already initialised. With several processes, a first
+    barrier follows. Does nothing for a single process."""
+    address = os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if not jax.distributed.is_initialized() and (
+            address or os.environ.get("SLURM_NTASKS", "1") != "1"):
+        count, rank = os.environ.get("JAX_NUM_PROCESSES"), os.environ.get("JAX_PROCESS_ID")
+        jax.distributed.initialize(coordinator_address=address or None,
+                                   num_processes=int(count) if count else None,
+                                   process_id=int(rank) if rank else None)
+    if jax.process_count() > 1:
+        # On CPU the first collective creates the gloo context, which waits only 30 s for
+        # the other processes: make it now, while they are in step, not in the wait while
+        # process 0 prepares the dataset (later collectives wait far longer).
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("jax.distributed initialized")
+
+
+def _all_loader_states(state: Dict[str, str]) -> list:
+    """Every process's data-loader state, in process order. Orbax writes a checkpoint's JSON
+    metadata from process 0 only, and each process reads its own slice of the data."""
+    if jax.process_count() == 1:
+        return [state]
+    from jax.experimental import multihost_utils
+    data = np.frombuffer(json.dumps(state, sort_keys=True).encode(), np.uint8)
+    sizes = multihost_utils.process_allgather(np.array(data.size)).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:data.size] = data
+    rows = multihost_utils.process_allgather(padded)
+    return [json.loads(bytes(row[:int(n)]).decode()) for row, n in zip(rows, sizes)]
+
+
+def _own_loader_state(meta: Dict[str, Any]) -> Dict[str, str]:
+    """This process's loader state from a checkpoint's metadata (see `_all_loader_states`)."""
+    states = meta.get("loaders") or [meta["loader"]]
+    if len(states) != jax.process_count():
+        raise ValueError(f"the checkpoint's data-loader state is from {len(states)} process(es), "
+                         f"this run has {jax.process_count()}: resume with the same number")
+    return states[jax.process_index()]
 
 
 def prepare_data(config):
@@ -484,17 +567,23 @@ def prepare_data(config):
     from reta3d.data import folder as folder_lib
     from reta3d.data import tfds_builder
     path = pathlib.Path(config.data.path)
-    if config.data.synthetic and not (path / folder_lib.LABELS_FILE).is_file():
+    # Process 0 builds it (the path is shared by all hosts); the others wait below.
+    if config.data.synthetic and jax.process_index() == 0:
         from reta3d import synthetic
-        print(f"Building the synthetic dataset in {path} "
-              f"({config.data.synthetic_num_images} images at {config.render.resolution}px)...",
-              flush=True)
-        t0 = time.time()
-        synthetic.make_synthetic_dataset(path, config.data.synthetic_num_images,
-                                         config.render.resolution, seed=config.seed,
-                                         background=config.render.background,
-                                         uv_resolution=config.data.synthetic_uv_resolution)
-        print(f"  done in {time.time() - t0:.0f}s", flush=True)
+        recipe = synthetic.recipe(config.data.synthetic_num_images, config.render.resolution,
+                                  seed=config.seed, background=config.render.background,
+                                  uv_resolution=config.data.synthetic_uv_resolution)
+        reason = synthetic.rebuild_reason(path, recipe)
+        if reason:
+            print(f"Building the synthetic dataset in {path} ({reason}; "
+                  f"{config.data.synthetic_num_images} images at {config.render.resolution}px)...",
+                  flush=True)
+            t0 = time.time()
+            synthetic.make_synthetic_dataset(path, config.data.synthetic_num_images,
+                                             config.render.resolution, seed=config.seed,
+                                             background=config.render.background,
+                                             uv_resolution=config.data.synthetic_uv_resolution)
+            print(f"  done in {time.time() - t0:.0f}s", flush=True)
     import tensorflow_datasets as tfds
     from absl import logging as absl_logging
     tfds.disable_progress_bar()
@@ -514,13 +603,37 @@ def prepare_data(config):
 
 
 def _progress_line(step, total_steps, kimg, img_per_s, metrics, seconds_left):
+    """One line per logged step. seconds_left None: not yet known (the first step includes
+    compilation, so its rate says nothing about the rest)."""
     def fmt(v):
         return f"{v:.3f}"
     shown = " ".join(f"{k}={fmt(v)}" for k, v in sorted(metrics.items())
                      if k in ("g_adversarial", "g_total", "d_loss", "d_r1_penalty", "g_identity"))
+    dropped = metrics.get("render_dropped_fraction", 0.0)
+    if dropped > 0:
+        shown += f" dropped={100 * dropped:.2f}%"
+    if seconds_left is None:
+        return (f"step {step}/{total_steps} kimg {kimg:.2f} {shown} "
+                f"(first step, compilation included: {img_per_s:.0f} s)")
     eta = time.strftime("%H:%M:%S", time.gmtime(max(seconds_left, 0)))
     return (f"step {step}/{total_steps} kimg {kimg:.2f} {img_per_s:.1f} img/s {shown} "
             f"left {eta}")
+
+
+def grown_capacity(capacity: int, overflow: int, num_gaussians: int, resolution: int) -> int:
+    """The next capacity bucket after an overflow of `overflow` intersections at `capacity`:
+    a power of two at least 1.25× what the worst image needed (so that a slowly growing
+    generator recompiles a few times, not every step), at most N·tiles (every Gaussian in
+    every tile)."""
+    from rasterizer.binning import tile_grid
+    tiles_x, tiles_y = tile_grid(resolution, resolution)
+    needed = int(math.ceil(1.25 * (capacity + overflow)))
+    return int(min(1 << (needed - 1).bit_length(), num_gaussians * tiles_x * tiles_y))
+
+
+def _set_capacity(config, capacity: int) -> None:
+    with config.unlocked():
+        config.render.capacity = int(capacity)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
@@ -530,11 +643,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     from reta3d.data import loader as loader_lib
     from PIL import Image
 
+    t_launch = time.time()
     _maybe_initialize_distributed()
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    if is_main:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
     source = prepare_data(config)
     num_devices = jax.local_device_count()
@@ -553,6 +668,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
           f"(rasterizer backend {resolve_backend(config.render.backend)}); "
           f"{num_devices} local device(s) ({jax.devices()[0].device_kind}); "
           f"{total_steps} steps of {batch_size}", flush=True)
+    hb = generator.head_binding
+    print(f"Target scale γs: face e^{hb.face_log_gamma_s:.2f}, mouth e^{hb.mouth_log_gamma_s:.2f} "
+          + ("(config.head.log_gamma_s)" if config.head.get("log_gamma_s") is not None else
+             "(measured texel spacing)")
+          + f"; rasterizer capacity {render_capacity(config, generator.num_gaussians)} "
+            "intersections per image", flush=True)
 
     state = create_train_state(config, generator, discriminator, jax.random.PRNGKey(config.seed))
     checkpointer = Checkpointer(workdir, keep=config.train.keep_checkpoints)
@@ -564,7 +685,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     restored = checkpointer.restore_latest(state)
     if restored is not None:
         _, state, meta = restored
-        loader.set_state(meta["loader"])
+        loader.set_state(_own_loader_state(meta))
         print(f"Resumed from {checkpointer.directory} at step {int(state.step)}", flush=True)
     start_step = int(state.step)
 
@@ -606,8 +727,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                 writer.add_image("samples", grid, step, dataformats="HWC")
 
     if start_step == 0:
+        t0 = time.time()
         meta["swd_start"] = measure_swd(state.g_ema, 0)
-        print(f"swd at step 0: {meta['swd_start']:.2f}", flush=True)
+        print(f"swd at step 0: {meta['swd_start']:.2f} ({time.time() - t0:.0f} s)", flush=True)
         save_grid(state.g_ema, 0)
     if start_step >= total_steps:
         print(f"Training already finished ({start_step}/{total_steps} steps); nothing to do.",
@@ -616,12 +738,43 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         print(json.dumps(result), flush=True)
         return result
 
+    if meta.get("render_capacity", 0) > render_capacity(config, generator.num_gaussians):
+        _set_capacity(config, meta["render_capacity"])  # grown by an earlier run
+        sample_fn = make_sample_fn(config, generator)
     steps = make_steps(config, generator, discriminator, vgg_features)
     state = replicate(state)
+    warned = {"overflow": False}
+
+    def check_overflow(metrics, at_step):
+        """Rasterizer overflow of the step that returned `metrics`: logged, warned about
+        once, and the capacity grown (steps recompiled) so that it does not happen again."""
+        nonlocal steps, sample_fn
+        worst = int(jax.device_get(metrics["render_overflow_max"])[0])
+        if worst <= 0:
+            return
+        fraction = float(jax.device_get(metrics["render_dropped_fraction"])[0])
+        old = render_capacity(config, generator.num_gaussians)
+        new = grown_capacity(old, worst, generator.num_gaussians, config.render.resolution)
+        if not warned["overflow"]:
+            warned["overflow"] = True
+            logging.warning("rasterizer overflow during training: images were rendered with "
+                            "tile intersections dropped")
+        print(f"warning: rasterizer overflow at step {at_step}: {100 * fraction:.2f}% of the tile "
+              f"intersections dropped on average (worst image {worst} over capacity {old}); "
+              f"capacity {old} -> {new}, recompiling", flush=True)
+        log_metrics({"step": at_step, "render_dropped_fraction": fraction,
+                     "render_overflow_max": worst, "render_capacity": new})
+        if new <= old:
+            return  # already every Gaussian in every tile: cannot overflow; nothing to grow
+        _set_capacity(config, new)
+        meta["render_capacity"] = new
+        steps = make_steps(config, generator, discriminator, vgg_features)
+        sample_fn = make_sample_fn(config, generator)
 
     def save(step):
         host_state = jax.device_get(unreplicate(state))
-        meta["loader"] = loader.get_state()
+        meta.pop("loader", None)   # a single-process checkpoint's key (still read on resume)
+        meta["loaders"] = _all_loader_states(loader.get_state())
         meta["kimg"] = step * batch_size / 1000
         checkpointer.save(step, host_state, meta)
 
@@ -631,9 +784,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         stop["requested"] = True
     previous = signal.signal(signal.SIGTERM, on_sigterm)
 
-    t_start, images_at_start = time.time(), start_step * batch_size
+    t_start = time.time()
     t_last, step_last = t_start, start_step
+    t_first = None   # end of the first step: rates and the ETA count from there (no compile)
     step = start_step
+    pending = None   # the previous step's metrics: checked one step late, so no sync stalls
     try:
         while step < total_steps:
             batch = next(loader)
@@ -641,16 +796,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
             state, metrics = train_iteration(steps, state, batch, ema_beta(config, step), step,
                                              config.loss.r1_interval)
             step += 1
+            if pending is not None:
+                check_overflow(pending, step - 1)
+            pending = metrics
             if step % config.train.log_every == 0 or step == total_steps or step == start_step + 1:
                 metrics = {k: float(v[0]) for k, v in jax.device_get(metrics).items()}
                 now = time.time()
-                rate = (step - step_last) * batch_size / max(now - t_last, 1e-9)
-                done_rate = (step - start_step) * batch_size / max(now - t_start, 1e-9)
-                left = (total_steps - step) * batch_size / max(done_rate, 1e-9)
+                if t_first is None:
+                    t_first = now
+                    rate, left = now - t_start, None
+                    print(f"First training step done {now - t_launch:.0f} s after launch "
+                          f"(the step itself, compilation included: {now - t_start:.0f} s)",
+                          flush=True)
+                else:
+                    rate = (step - step_last) * batch_size / max(now - t_last, 1e-9)
+                    done_rate = (step - start_step - 1) * batch_size / max(now - t_first, 1e-9)
+                    left = (total_steps - step) * batch_size / max(done_rate, 1e-9)
                 print(_progress_line(step, total_steps, step * batch_size / 1000, rate, metrics,
                                      left), flush=True)
-                log_metrics({"step": step, "kimg": step * batch_size / 1000, "img_per_s": rate,
-                             **metrics})
+                record = {"step": step, "kimg": step * batch_size / 1000, **metrics}
+                if left is not None:
+                    record["img_per_s"] = rate
+                log_metrics(record)
                 t_last, step_last = now, step
             if step % config.train.sample_every == 0 or step == total_steps:
                 save_grid(unreplicate(state.g_ema), step)
@@ -671,6 +838,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         signal.signal(signal.SIGTERM, previous)
         raise SystemExit(130)
     signal.signal(signal.SIGTERM, previous)
+    if pending is not None:
+        check_overflow(pending, step)
 
     g_ema = unreplicate(state.g_ema)
     meta["swd_end"] = measure_swd(g_ema, step)

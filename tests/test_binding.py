@@ -609,8 +609,9 @@ def test_face_and_mouth_bindings_cached_per_uv_layout_and_resolution():
     assert mouth.rect == model.mouth_rect and mouth.resolution == 8
     uv = mouth.texel_uv()
     assert np.all((uv >= [0.25, 0.25]) & (uv <= [0.75, 0.5]))
-    head = B.HeadBinding.from_model(model, 32, 8)
+    head = B.HeadBinding.from_model(model, 32, 8, log_gamma_s=-5.5)  # no mesh: γs given
     assert head.face is first and head.mouth is mouth
+    assert head.face_log_gamma_s == head.mouth_log_gamma_s == -5.5
     assert head.num_gaussians == first.num_texels + mouth.num_texels
 
 
@@ -735,3 +736,41 @@ def test_experiment_scripts_show_help(script, flag):
     # absl's --help prints the usage and exits with status 1 by design.
     assert result.returncode in (0, 1), result.stderr
     assert flag in result.stdout and "--kind" in result.stdout
+
+
+def test_texel_spacing_of_a_flat_square_by_hand():
+    """A unit square in UV mapped onto a flat square of side 0.3 (world = 2·p): adjacent
+    texel centres of an R×R grid are 2·0.3/R apart, so ln γs = ln(0.6/R) at every R."""
+    import types
+    v = np.array([[0, 0, 0], [0.3, 0, 0], [0.3, 0.3, 0], [0, 0.3, 0]], np.float32)
+    faces = np.array([[0, 1, 2], [0, 2, 3]], np.int32)
+    vt = np.array([[0, 0], [1, 0], [1, 1], [0, 1]], np.float64)
+    model = types.SimpleNamespace(v_template=v, faces=faces, vt=vt, ft=faces, world_scale=2.0,
+                                  mouth_rect=(0.0, 0.0, 0.5, 0.5), to_world=lambda p: 2.0 * p)
+    for r in (8, 16, 32):
+        assert B.texel_spacing(model, B.face_binding(model, r)) == pytest.approx(0.6 / r, rel=1e-5)
+    head = B.HeadBinding.from_model(model, 16, 8)
+    assert head.face_log_gamma_s == pytest.approx(math.log(0.6 / 16), abs=1e-5)
+    # The mouth patch covers half the side with 8 texels: spacing 0.3 / 8.
+    assert head.mouth_log_gamma_s == pytest.approx(math.log(0.3 / 8), abs=1e-5)
+    np.testing.assert_allclose(head.log_gamma_s[:head.num_face], math.log(0.6 / 16), atol=1e-5)
+    np.testing.assert_allclose(head.log_gamma_s[head.num_face:], math.log(0.3 / 8), atol=1e-5)
+
+
+def test_gamma_s_follows_the_uv_resolution_on_the_template():
+    """γs halves when the UV resolution doubles, and the template at the paper's 256² keeps
+    the paper's e^-5.5 (within 0.05 in ln)."""
+    from reta3d import flame
+    model = flame.load()
+    logs = {r: B.HeadBinding.from_model(model, r, 32).face_log_gamma_s for r in (64, 128, 256)}
+    assert logs[256] == pytest.approx(-5.5, abs=0.05)
+    assert logs[128] - logs[256] == pytest.approx(math.log(2), abs=0.05)
+    assert logs[64] - logs[128] == pytest.approx(math.log(2), abs=0.05)
+    # And the decoding uses it: raw scale 0 decodes to exactly γs.
+    hb = B.HeadBinding.from_model(model, 64, 32)
+    face = jnp.zeros((1, 64, 64, 14)).at[..., 6].set(1.0)
+    mouth = jnp.zeros((1, 32, 32, 14)).at[..., 6].set(1.0)
+    gaussians, _ = B.head_gaussians(model, hb, face, mouth, None)
+    np.testing.assert_allclose(np.log(np.asarray(gaussians.scales[0])),
+                               np.broadcast_to(hb.log_gamma_s[:, None], (hb.num_gaussians, 3)),
+                               atol=1e-5)

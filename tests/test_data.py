@@ -403,19 +403,37 @@ def test_loader_is_deterministic_for_a_seed():
 
 def test_loader_shards_disjointly_and_covers_each_epoch():
     records = _memory_source(11)
-    shards = []
+    hosts = []
     for shard_index in range(2):
-        loader = loader_lib.make_loader(records, 2, 1, seed=5, shard_index=shard_index,
+        loader = loader_lib.make_loader(records, 4, 1, seed=5, shard_index=shard_index,
                                         shard_count=2, num_epochs=2, flip=False)
-        assert loader.batches_per_epoch == 5
-        indices = [int(b["index"][0, 0]) for b in loader]
-        assert len(indices) == 10  # 2 epochs x 5 records, then the iterator ends
-        epoch1, epoch2 = indices[:5], indices[5:]
-        assert sorted(epoch1) == sorted(epoch2) and len(set(epoch1)) == 5
-        assert epoch1 != epoch2  # reshuffled every epoch
-        shards.append(set(epoch1))
-    assert not shards[0] & shards[1]
-    assert len(shards[0] | shards[1]) == 10  # 11 records: one left out so hosts stay in step
+        assert loader.batches_per_epoch == 2        # 11 // 4 global batches per epoch
+        batches = [b["index"][0] for b in loader]   # (2,) per host batch
+        assert len(batches) == 4                    # 2 epochs x 2 batches, then it ends
+        hosts.append(batches)
+    for epoch in range(2):
+        seen = [np.concatenate(hosts[h][2 * epoch:2 * epoch + 2]) for h in range(2)]
+        assert not set(seen[0]) & set(seen[1])      # the hosts read disjoint records
+        assert len(set(seen[0]) | set(seen[1])) == 8  # 8 distinct of 11: 3 left out per epoch
+    first = np.concatenate([np.concatenate([hosts[0][t], hosts[1][t]]) for t in range(2)])
+    second = np.concatenate([np.concatenate([hosts[0][t], hosts[1][t]]) for t in range(2, 4)])
+    assert not np.array_equal(first, second)        # reshuffled every epoch
+
+
+def test_hosts_read_slices_of_the_single_host_global_batch():
+    """S hosts x D devices see, device by device, the batch one host with S*D devices sees
+    (records, order and flips), so a multi-host step equals the single-host one."""
+    records = _memory_source(13)
+    single = _take(loader_lib.make_loader(records, 4, 4, seed=9), 7)
+    for shard_count, num_devices in ((2, 2), (4, 1)):
+        per_host = [_take(loader_lib.make_loader(records, 4, num_devices, seed=9,
+                                                 shard_index=k, shard_count=shard_count), 7)
+                    for k in range(shard_count)]
+        for step in range(7):
+            for key in single[step]:
+                joined = np.concatenate([per_host[k][step][key] for k in range(shard_count)])
+                np.testing.assert_array_equal(joined, single[step][key], err_msg=f"{key} {step}")
+    assert any(b["flipped"].any() for b in single) and not all(b["flipped"].all() for b in single)
 
 
 def test_loader_resumes_from_saved_state():
@@ -442,7 +460,7 @@ def test_loader_resizes_and_rejects_bad_arguments():
     np.testing.assert_allclose(batch["image"][0, 0], expected, atol=1e-6)
     with pytest.raises(ValueError, match="multiple of"):
         loader_lib.make_loader(records, 3, 2, seed=0)
-    with pytest.raises(ValueError, match="fewer than one host batch"):
+    with pytest.raises(ValueError, match="fewer than one global batch"):
         loader_lib.make_loader(records, 8, 1, seed=0)
     bad = [dict(r, image=r["image"][..., :2]) for r in records]
     with pytest.raises(ValueError, match="image must be"):

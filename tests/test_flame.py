@@ -289,7 +289,10 @@ def test_world_transform_frames_the_head_like_eg3d(template):
     camera = (world - cam2world[:3, 3]) @ cam2world[:3, :3]               # OpenCV camera axes
     image = camera[:, :2] / camera[:, 2:] * intrinsics[0, 0] + 0.5         # normalised image coords
     head = np.asarray(template.v_template)[:, 1] > -0.09                  # above the chin
-    assert image[head].min() > 0.0 and image[head].max() < 1.0           # the head is in view
+    # EG3D's frontal camera (2.7 from the world origin, 2.5 from the look-at point) frames
+    # the head as FFHQ's crops do: sides and chin in view, the crown cut by a few percent.
+    assert image[head, 0].min() > 0.0 and image[head, 0].max() < 1.0
+    assert image[head, 1].max() < 1.0 and image[head, 1].min() > -0.05
     nose = np.argmax(np.asarray(template.v_template)[:, 2])
     assert abs(image[nose, 0] - 0.5) < 0.02 and abs(image[nose, 1] - 0.5) < 0.1
     height = image[head, 1].max() - image[head, 1].min()
@@ -396,6 +399,72 @@ def test_load_pickle_npz_and_obj_match_the_reference(synthetic):
         np.testing.assert_allclose(np.asarray(vertices[0]), expected, atol=2e-6)
 
 
+def test_load_without_uv_layout_gives_lbs_and_a_clear_error_when_binding(synthetic):
+    """LBS needs no UV layout: load(path) alone works; binding texels names the file and uv_path."""
+    from reta3d import binding
+    d, arrays = synthetic["dir"], synthetic["arrays"]
+    rng = np.random.default_rng(10)
+    shape, expression = rng.normal(size=(1, 12)), rng.normal(size=(1, 9))
+    pose = rng.normal(size=(5, 3)) * 0.4
+    expected, expected_joints = reference_flame(arrays, 300, shape[0], expression[0], pose)
+    inputs = dict(shape=shape.astype(np.float32), expression=expression.astype(np.float32),
+                  global_pose=pose[None, 0].astype(np.float32), neck_pose=pose[None, 1].astype(np.float32),
+                  jaw_pose=pose[None, 2].astype(np.float32),
+                  eye_pose=pose[None, 3:].reshape(1, 6).astype(np.float32))
+    for model_file in ("generic_model.pkl", "flame.npz"):
+        model = flame.load(d / model_file)
+        assert not model.has_uv_layout and model.num_vertices == 40
+        vertices, joints = model.forward(**inputs, return_joints=True)
+        np.testing.assert_allclose(np.asarray(vertices[0]), expected, atol=2e-6)
+        np.testing.assert_allclose(np.asarray(joints[0]), expected_joints, atol=2e-6)
+        # Still a pytree that jit accepts (the absent UV arrays are empty subtrees).
+        jitted = jax.jit(lambda m, p: m.forward(**p))(model, inputs)
+        np.testing.assert_allclose(np.asarray(jitted), np.asarray(vertices), atol=1e-6)
+        assert len(jax.tree_util.tree_leaves(model)) == 7
+        message = rf"{model_file}: loaded without a UV layout.*uv_path=head_template\.obj"
+        for bind in (lambda: binding.face_binding(model, 8), lambda: binding.mouth_binding(model, 4),
+                     lambda: binding.HeadBinding.from_model(model, 8, 4), lambda: model.vt,
+                     lambda: model.ft, lambda: model.mouth_rect):
+            with pytest.raises(ValueError, match=message):
+                bind()
+    # A mouth_rect given without a UV layout is kept (and checked), the faces still cannot bind.
+    model = flame.load(d / "flame.npz", mouth_rect=synthetic["rect"])
+    assert model.mouth_rect == synthetic["rect"]
+    with pytest.raises(ValueError, match=r"flame.npz: loaded without a UV layout"):
+        binding.HeadBinding.from_model(model, 8, 4)
+    with pytest.raises(ValueError, match="mouth_rect must be"):
+        flame.load(d / "flame.npz", mouth_rect=(0.5, 0.5, 0.4, 0.9))
+    # With the UV layout the same file binds.
+    bound = binding.face_binding(flame.load(d / "flame.npz", uv_path=d / "uv.npz",
+                                            mouth_rect=synthetic["rect"]), 8)
+    assert bound.num_texels > 0
+
+
+def test_unlocatable_mouth_is_an_error_only_when_the_mouth_is_bound(tmp_path):
+    """A closed mesh has no mouth opening: the model loads and the face binds; the mouth
+    patch raises, naming the file and mouth_rect, until a mouth_rect is given."""
+    from reta3d import binding
+    # An octahedron: closed (every edge has two faces), so there is no boundary loop at all.
+    vertices = 0.1 * np.array([[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]], float)
+    faces = np.array([[0, 2, 4], [2, 1, 4], [1, 3, 4], [3, 0, 4], [2, 0, 5], [1, 2, 5], [3, 1, 5], [0, 3, 5]])
+    arrays = synthetic_flame(np.random.default_rng(11), num_vertices=6, num_faces=1, num_columns=8)
+    uv = np.array([[0.5, 0.5], [0.0, 0.5], [1.0, 0.5], [0.5, 1.0], [0.5, 0.0]])
+    uv_faces = np.array([[0, 1, 3], [0, 3, 2], [0, 2, 4], [0, 4, 1]] * 2)
+    arrays.update(v_template=vertices, f=faces, J_regressor=arrays["J_regressor"].toarray(), vt=uv,
+                  ft=uv_faces)
+    arrays.pop("bs_style")
+    np.savez(tmp_path / "closed.npz", **arrays)
+    model = flame.load(tmp_path / "closed.npz", num_shape=4)
+    assert model.has_uv_layout and binding.face_binding(model, 8).num_texels > 0
+    message = r"closed.npz: cannot locate the mouth \(the mesh has no open boundary\).*mouth_rect="
+    for bind in (lambda: model.mouth_rect, lambda: binding.mouth_binding(model, 4),
+                 lambda: binding.HeadBinding.from_model(model, 8, 4)):
+        with pytest.raises(ValueError, match=message):
+            bind()
+    given = flame.load(tmp_path / "closed.npz", num_shape=4, mouth_rect=(0.25, 0.25, 0.75, 0.75))
+    assert binding.mouth_binding(given, 4).num_texels == 16
+
+
 def test_num_shape_split_and_flat_posedirs(synthetic, tmp_path):
     arrays = dict(synthetic["arrays"])
     arrays["posedirs"] = arrays["posedirs"].reshape(-1, 36)
@@ -448,8 +517,6 @@ def test_missing_files_raise_file_not_found(tmp_path, synthetic):
 def test_bad_files_raise_clear_errors(tmp_path, synthetic):
     d, arrays = synthetic["dir"], synthetic["arrays"]
     dense = {k: (v.toarray() if sparse.issparse(v) else v) for k, v in arrays.items() if k != "bs_style"}
-    with pytest.raises(ValueError, match="generic_model.pkl.*uv_path"):
-        flame.load(d / "generic_model.pkl")
     without = {k: v for k, v in dense.items() if k != "weights"}
     np.savez(tmp_path / "no_weights.npz", **without)
     with pytest.raises(ValueError, match=r"no_weights.npz: missing key 'weights'"):

@@ -364,7 +364,9 @@ def test_animate_never_runs_the_static_generator(small_gen, small_vars, small_st
     assert _count_primitive(animate_jaxpr.jaxpr, "conv_general_dilated") == gd_convs
     z, c = _latents(cfg, 2)
     static_jaxpr = jax.make_jaxpr(lambda v: small_gen.generate_static(v, z, c))(small_vars)
-    assert _count_primitive(static_jaxpr.jaxpr, "conv_general_dilated") > 2 * gd_convs
+    # (The FIR resampling filters are shifted sums, not convolutions: only the 3x3/1x1 layers
+    # of G, G_m and blending count here.)
+    assert _count_primitive(static_jaxpr.jaxpr, "conv_general_dilated") > gd_convs
     # 2) animate runs with variables stripped of everything but G_d, with identical results.
     only_gd = {"params": {"dynamic": dynamic_params(small_vars)}}
     full, _ = small_gen.jit_animate(small_vars, small_static, flame)

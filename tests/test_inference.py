@@ -1,4 +1,5 @@
-"""Inference: generator loading, FLAME sequences, the per-frame path, videos, .ply, scripts.
+"""Inference (reta3d/inference.py): generator loading, the per-frame path, the animation job,
+rasterizer-overflow reporting.
 
 One tiny generator (32² UV map, 16² mouth patch, 64² renders over the template head) is
 shared by every test. Its variables are random normal arrays with the structure of
@@ -6,10 +7,8 @@ shared by every test. Its variables are random normal arrays with the structure 
 distribution, and a jit-compiled Flax init costs ~30 s of XLA compile on a small CPU.
 Every animation uses the same T and one identity, so one per-frame compilation serves all.
 """
+import io
 import json
-import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.extend.core as jax_core
@@ -18,11 +17,12 @@ import numpy as np
 import pytest
 
 from configs import demo
-from rasterizer.types import Camera, Gaussians
-from reta3d import inference, ply, template_head, train
+from rasterizer import binning, projection
+from rasterizer.types import Camera
+from reta3d.binding import GAMMA_S
+from reta3d import cameras, cli, inference, sequences, template_head, train, video
 from reta3d.networks.generator import StaticMaps
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 NUM_FRAMES = 6   # every animation in this file: one compiled frame function
 
 
@@ -61,11 +61,14 @@ def tiny():
     return config, generator, g_vars
 
 
-def _geometry_on_surface(maps: jax.Array, uv_resolution: int) -> jax.Array:
-    """Offsets 0 (Gaussians on the FLAME surface), isotropic scales big enough for the coarse
-    map to cover the surface, opaque; the generator's colours are kept."""
-    return (maps.at[..., 0:3].set(0.0).at[..., 3:6].set(np.log(256 / uv_resolution))
-            .at[..., 13].set(5.0))
+def _geometry_on_surface(maps: jax.Array, uv_resolution: int,
+                         log_gamma_s: float = np.log(GAMMA_S)) -> jax.Array:
+    """Offsets 0 (Gaussians on the FLAME surface), isotropic world scales γs·256/R (the paper's
+    γs = e^−5.5 at 256², grown with the coarser texel spacing of an R² map, so that the map
+    covers the surface), opaque; the generator's colours are kept. log_gamma_s: the ln γs the
+    binding decodes the raw scale with (scale = exp(raw + ln γs))."""
+    raw_scale = np.log(GAMMA_S * 256 / uv_resolution) - log_gamma_s
+    return maps.at[..., 0:3].set(0.0).at[..., 3:6].set(raw_scale).at[..., 13].set(5.0)
 
 
 # ------------------------------------------------------------------------------------------
@@ -79,14 +82,17 @@ def test_jaw_moves_mouth_region_not_forehead(tiny):
         jnp.zeros_like, g_vars["params"]["dynamic"])))
     z = inference.latents_for_seeds([3], config.model.z_dim)
     static = inference.generate_static_maps(generator, g_vars, z,
-                                            inference.conditioning_labels(config, 1))
-    static = StaticMaps(face=_geometry_on_surface(static.face, 32),
-                        mouth=_geometry_on_surface(static.mouth, 32), ws=static.ws)
+                                            cameras.conditioning_labels(config, 1))
+    head = generator.head_binding
+    static = StaticMaps(
+        face=_geometry_on_surface(static.face, 32, getattr(head, "face_log_gamma_s", np.log(GAMMA_S))),
+        mouth=_geometry_on_surface(static.mouth, 32, getattr(head, "mouth_log_gamma_s", np.log(GAMMA_S))),
+        ws=static.ws)
     model = generator.flame_model
-    sequence = {k: np.repeat(v, NUM_FRAMES, 0) for k, v in inference.neutral_flame(model).items()}
+    sequence = {k: np.repeat(v, NUM_FRAMES, 0) for k, v in sequences.neutral_flame(model).items()}
     sequence["jaw_pose"][1, 0] = 0.35      # frame 1: mouth open
     sequence["neck_pose"][2, 0] = 0.3      # frame 2: head pitched (the forehead box can change)
-    labels = inference.camera_path("fixed", NUM_FRAMES)
+    labels = cameras.camera_path("fixed", NUM_FRAMES)
     frame_fn = inference.make_frame_fn(config, generator)
     frames, _ = inference.run_animation(frame_fn, g_vars, static, sequence, labels)
     frames = frames[:, 0].astype(np.float64)
@@ -103,7 +109,9 @@ def test_jaw_moves_mouth_region_not_forehead(tiny):
 
     def box(image, point, half=7):
         col, row = np.round(pixel(point)).astype(int)
-        return image[row - half:row + half, col - half:col + half]
+        box = image[max(row - half, 0):row + half, max(col - half, 0):col + half]
+        assert box.size >= half * half, (point, row, col)     # at least a quarter inside
+        return box
 
     mouth_point = (0.0, template_head.MOUTH_LINE_Y - 0.015, 0.09)
     forehead_point = (0.0, 0.07, 0.09)
@@ -134,9 +142,9 @@ def test_per_frame_path_never_runs_the_static_generator(tiny):
     config, generator, g_vars = tiny
     z = inference.latents_for_seeds([0], config.model.z_dim)
     static = inference.generate_static_maps(generator, g_vars, z,
-                                            inference.conditioning_labels(config, 1))
-    sequence, _ = inference.get_sequence("builtin:talk", generator.flame_model, NUM_FRAMES)
-    labels = inference.camera_path("fixed", NUM_FRAMES)
+                                            cameras.conditioning_labels(config, 1))
+    sequence, _ = sequences.get_sequence("builtin:talk", generator.flame_model, NUM_FRAMES)
+    labels = cameras.camera_path("fixed", NUM_FRAMES)
     frame_fn = inference.make_frame_fn(config, generator)
     used = _used_leaves(frame_fn, g_vars, static, sequence, jnp.asarray(0, jnp.int32), labels)
     static_parts = ("'mapping'", "'synthesis'", "'mouth_synthesis'", "'blend'", "mapping_state",
@@ -160,12 +168,15 @@ def test_animation_video_one_frame_per_flame_frame(tiny, tmp_path, monkeypatch):
     for name in ("talk.gif", "talk.mp4"):
         timing = inference.animate_to_video(config, generator, g_vars, [0], "builtin:talk",
                                             tmp_path / name, num_frames=NUM_FRAMES)
-        video = inference.read_video(tmp_path / name)
-        assert video.shape == (NUM_FRAMES, 64, 64, 3), video.shape
-        saved = json.loads(inference.timing_path(tmp_path / name).read_text())
+        clip = video.read_video(tmp_path / name)
+        assert clip.shape == (NUM_FRAMES, 64, 64, 3), clip.shape
+        saved = json.loads(video.timing_path(tmp_path / name).read_text())
         assert saved["frames"] == NUM_FRAMES and len(saved["frame_ms"]) == NUM_FRAMES
         assert saved == json.loads(json.dumps(timing))
-        assert np.std(video) > 1.0                     # a picture, not a blank clip
+        assert saved["rasterizer_overflow"]["capacity"] == binning.default_capacity(
+            generator.num_gaussians, 64, 64)
+        assert saved["rasterizer_overflow"]["images"] == NUM_FRAMES
+        assert np.std(clip) > 1.0                      # a picture, not a blank clip
     assert len(static_calls) == 2   # once per identity per clip, not once per frame
 
 
@@ -173,40 +184,67 @@ def test_realtime_mode_matches_per_frame_mode(tiny):
     config, generator, g_vars = tiny
     z = inference.latents_for_seeds([1], config.model.z_dim)
     static = inference.generate_static_maps(generator, g_vars, z,
-                                            inference.conditioning_labels(config, 1))
-    sequence, _ = inference.get_sequence("builtin:nod", generator.flame_model, NUM_FRAMES)
-    labels = inference.camera_path("orbit", NUM_FRAMES)
+                                            cameras.conditioning_labels(config, 1))
+    sequence, _ = sequences.get_sequence("builtin:nod", generator.flame_model, NUM_FRAMES)
+    labels = cameras.camera_path("orbit", NUM_FRAMES)
     frame_fn = inference.make_frame_fn(config, generator)
     slow, timing = inference.run_animation(frame_fn, g_vars, static, sequence, labels)
     fast, rt_timing = inference.run_animation(frame_fn, g_vars, static, sequence, labels,
                                               realtime=True)
     np.testing.assert_array_equal(slow, fast)
+    assert timing["rasterizer_overflow"] == rt_timing["rasterizer_overflow"]
     assert slow.shape == (NUM_FRAMES, 1, 64, 64, 3)
     assert rt_timing["mode"] == "realtime" and rt_timing["fps"] > 0 and timing["fps"] > 0
     assert not np.array_equal(slow[0], slow[NUM_FRAMES // 2])   # camera and head moved
 
 
-def test_gif_keeps_identical_frames(tmp_path):
-    frames = np.zeros((5, 10, 14, 3), np.uint8)
-    frames[3:] = (200, 30, 10)
-    inference.write_video(tmp_path / "still.gif", frames, fps=10)
-    back = inference.read_video(tmp_path / "still.gif")
-    assert back.shape == (5, 10, 14, 3)          # Pillow alone would merge frames 0-2 and 3-4
-    np.testing.assert_array_equal(back, frames)  # two colours: the palette is exact
-    inference.write_video(tmp_path / "odd.mp4", np.repeat(frames, 2, 0)[:, :9, :13], fps=10)
-    assert inference.read_video(tmp_path / "odd.mp4").shape[0] == 10
-    with pytest.raises(ValueError, match="must end in"):
-        inference.write_video(tmp_path / "x.avi", frames)
+def test_small_capacity_overflow_is_counted_reported_and_warned(tiny, tmp_path):
+    config, generator, g_vars = tiny
+    capacity = 300                  # far below the default: every frame overflows
+    timing = inference.animate_to_video(config, generator, g_vars, [0], "builtin:talk",
+                                        tmp_path / "small.gif", num_frames=NUM_FRAMES,
+                                        capacity=capacity)
+    report = timing["rasterizer_overflow"]
+    saved = json.loads(video.timing_path(tmp_path / "small.gif").read_text())
+    assert saved["rasterizer_overflow"] == report
 
+    # Reference: each frame's tile intersections counted from its Gaussians (the video's
+    # identity, FLAME frames and camera), with no capacity involved: projection radii →
+    # tile rectangles → areas. An image with T > capacity intersections drops T − capacity.
+    z = inference.latents_for_seeds([0], config.model.z_dim)
+    static = inference.generate_static_maps(generator, g_vars, z,
+                                            cameras.conditioning_labels(config, 1))
+    sequence, _ = sequences.get_sequence("builtin:talk", generator.flame_model, NUM_FRAMES)
+    labels = cameras.camera_path("fixed", NUM_FRAMES)
 
-def test_side_by_side_and_grid_layout():
-    frames = np.arange(2 * 3 * 4 * 5 * 3, dtype=np.uint8).reshape(2, 3, 4, 5, 3)
-    tiled = inference.side_by_side(frames)
-    assert tiled.shape == (2, 4, 15, 3)
-    np.testing.assert_array_equal(tiled[1, :, 5:10], frames[1, 1])
-    grid = inference.image_grid(frames)
-    assert grid.shape == (8, 15, 3)
-    np.testing.assert_array_equal(grid[4:8, 10:15], frames[1, 2])
+    @jax.jit
+    def intersections(g_vars, static, flame, label):
+        gaussians, _ = generator.animate(g_vars, static, flame)
+        camera = Camera.from_eg3d(label[None], 64)
+        proj = projection.project(gaussians.means, gaussians.scales, gaussians.quats,
+                                  camera.world_to_camera, camera.intrinsics, 64, 64)
+        x0, x1, y0, y1 = binning.tile_rectangles(proj.means2d, proj.radii, 64, 64)
+        return jnp.sum((x1 - x0) * (y1 - y0))
+
+    totals = np.array([int(intersections(g_vars, static, {k: v[t:t + 1] for k, v in sequence.items()},
+                                         labels[t])) for t in range(NUM_FRAMES)])
+    dropped = totals - capacity
+    assert dropped.min() > 0, totals
+    assert (report["capacity"], report["images"], report["images_with_overflow"]) == (
+        capacity, NUM_FRAMES, NUM_FRAMES)
+    # Equal on the development machine (~4,000 intersections per frame); a last-ulp difference
+    # between two compilations could move a Gaussian across a tile line, hence the tolerance.
+    np.testing.assert_allclose(report["dropped_tile_intersections"], dropped.sum(), rtol=1e-3)
+    np.testing.assert_allclose(report["capacity_needed"], totals.max(), rtol=1e-3)
+    np.testing.assert_allclose(report["max_dropped_fraction"], np.max(dropped / totals), rtol=1e-3)
+
+    stream = io.StringIO()
+    line = cli.warn_overflow(report, file=stream)
+    assert line == stream.getvalue().strip()
+    assert line.startswith(f"warning: rasterizer capacity overflow: "
+                           f"{report['dropped_tile_intersections']} tile intersections dropped "
+                           f"in {NUM_FRAMES} of {NUM_FRAMES} images")
+    assert f"--capacity={report['capacity_needed']} or more (now {capacity})" in line
 
 
 # ------------------------------------------------------------------------------------------
@@ -257,204 +295,3 @@ def test_load_generator_errors(tmp_path):
         inference.load_generator(workdir=tmp_path)
     with pytest.raises(FileNotFoundError, match="config file not found"):
         inference.load_generator(config=str(tmp_path / "missing.py"), random_init=True)
-
-
-# ------------------------------------------------------------------------------------------
-# FLAME sequences
-# ------------------------------------------------------------------------------------------
-
-def _write_npz(path, **arrays):
-    np.savez(path, **arrays)
-    return path
-
-
-def test_sequence_file_layout_and_padding(tmp_path, tiny):
-    _, generator, _ = tiny
-    model = generator.flame_model
-    path = _write_npz(tmp_path / "seq.npz", expression=np.ones((7, 50)), jaw_pose=np.full((7, 3), 0.1),
-                      shape=np.ones(3), fps=np.array(25.0))
-    sequence, fps = inference.get_sequence(str(path), model, num_frames=5)
-    assert fps == 25.0
-    assert sequence["expression"].shape == (5, model.num_expression)   # 50 cut to the model's 16
-    assert sequence["shape"].shape == (5, model.num_shape)
-    np.testing.assert_array_equal(sequence["shape"][:, :3], 1.0)
-    np.testing.assert_array_equal(sequence["shape"][:, 3:], 0.0)
-    np.testing.assert_array_equal(sequence["eye_pose"], np.zeros((5, 6)))   # missing → zeros
-    np.testing.assert_allclose(sequence["jaw_pose"], 0.1)
-    assert all(v.dtype == np.float32 for v in sequence.values())
-
-
-@pytest.mark.parametrize("arrays, message", [
-    (dict(jaw_pose=np.zeros((4, 2))), r"'jaw_pose' must be \(T, 3\)"),
-    (dict(expression=np.zeros(4)), r"'expression' must be \(T, k\)"),
-    (dict(eye_pose=np.zeros((4, 3))), r"'eye_pose' must be \(T, 6\)"),
-    (dict(expression=np.zeros((4, 5)), jaw_pose=np.zeros((3, 3))), "disagree on the number of frames"),
-    (dict(neck_pose=np.array([[0, np.nan, 0], [0, 0, 0]])), "'neck_pose' has 1 non-finite"),
-    (dict(global_pose=np.array([[np.inf, 0, 0]])), "'global_pose' has 1 non-finite"),
-    (dict(jaw=np.zeros((4, 3))), r"unknown array\(s\) \['jaw'\]"),
-    (dict(fps=np.array(30.0)), "no per-frame FLAME array"),
-    (dict(expression=np.zeros((4, 2)), shape=np.zeros((3, 2))), "'shape' must be"),
-])
-def test_bad_sequence_files_are_rejected(tmp_path, arrays, message):
-    path = _write_npz(tmp_path / "bad.npz", **arrays)
-    with pytest.raises(ValueError, match=message) as info:
-        inference.load_flame_sequence(path, num_expression=16)
-    assert "bad.npz" in str(info.value)
-
-
-def test_missing_corrupt_and_unknown_sequences(tmp_path, tiny):
-    model = tiny[1].flame_model
-    with pytest.raises(FileNotFoundError, match="missing.npz"):
-        inference.get_sequence(str(tmp_path / "missing.npz"), model)
-    (tmp_path / "broken.npz").write_bytes(b"not a zip")
-    with pytest.raises(ValueError, match="broken.npz: cannot read"):
-        inference.get_sequence(str(tmp_path / "broken.npz"), model)
-    with pytest.raises(ValueError, match="unknown builtin sequence 'builtin:dance'"):
-        inference.get_sequence("builtin:dance", model)
-
-
-def test_builtin_sequences_on_the_template_head():
-    index = {n: i for i, n in enumerate(template_head.EXPRESSION_NAMES)}
-    num = len(index)
-    blink = inference.builtin_sequence("blink", 90, num, index)
-    lids = blink["expression"][:, index["blink"]]
-    assert lids.max() > 0.99 and lids.min() == 0.0 and (lids > 0.5).mean() < 0.3
-    assert np.abs(blink["jaw_pose"]).max() == 0.0
-    smile = inference.builtin_sequence("smile", 60, num, index)
-    assert 1.9 < smile["expression"][:, index["smile"]].max() <= 2.0
-    assert smile["expression"][0, index["smile"]] == 0.0
-    talk = inference.builtin_sequence("talk", 60, num, index)
-    jaw = talk["jaw_pose"][:, 0]
-    assert jaw.min() >= 0.0 and jaw.max() > 0.08 and np.sum(np.diff(np.sign(np.diff(jaw))) != 0) > 6
-    nod = inference.builtin_sequence("nod", 60, num, index)
-    assert np.abs(nod["neck_pose"][:, 0]).max() > 0.15 and np.abs(nod["neck_pose"][[0, -1], 0]).max() < 1e-6
-    for seq in (blink, smile, talk, nod):
-        assert {k: v.shape[1] for k, v in seq.items()} == {
-            "expression": num, "jaw_pose": 3, "neck_pose": 3, "global_pose": 3, "eye_pose": 6,
-            "shape": 1}
-
-
-def test_builtin_sequences_for_a_real_flame_layout_use_pose(caplog):
-    blink = inference.builtin_sequence("blink", 90, 100, {})
-    assert np.abs(blink["expression"]).max() == 0.0
-    assert blink["eye_pose"][:, 0].max() > 0.3            # downward glance at blink times
-    np.testing.assert_array_equal(blink["eye_pose"][:, 0], blink["eye_pose"][:, 3])
-    with caplog.at_level("WARNING"):
-        smile = inference.builtin_sequence("smile", 60, 100, {})
-    assert "no named 'smile'" in caplog.text
-    assert smile["jaw_pose"][:, 0].max() > 0.04 and np.abs(smile["expression"]).max() == 0.0
-    named = inference.builtin_sequence("smile", 60, 100, inference.parse_expression_components("smile=3"))
-    assert named["expression"][:, 3].max() > 1.9
-    with pytest.raises(ValueError, match="outside the model"):
-        inference.builtin_sequence("smile", 10, 100, {"smile": 100})
-
-
-def test_parse_seeds_and_lists():
-    assert inference.parse_seeds("0-3,7,2,10-11") == [0, 1, 2, 3, 7, 10, 11]
-    for bad in ("", "a", "3-1", "-2"):
-        with pytest.raises(ValueError):
-            inference.parse_seeds(bad)
-    assert inference.parse_floats("0.5, -1,2", "x") == [0.5, -1.0, 2.0]
-    with pytest.raises(ValueError, match="--expression"):
-        inference.parse_floats("1,nan", "--expression")
-    z = inference.latents_for_seeds([4, 4, 5], 8)
-    np.testing.assert_array_equal(z[0], z[1])
-    np.testing.assert_array_equal(z[0], np.random.RandomState(4).randn(8).astype(np.float32))
-    assert inference.orbit_labels(8).shape == (8, 25)
-    assert inference.view_grid_labels([-0.3, 0.0, 0.3], [0.0, 0.2]).shape == (4, 25)
-
-
-# ------------------------------------------------------------------------------------------
-# .ply
-# ------------------------------------------------------------------------------------------
-
-def _random_gaussians(n, seed=0):
-    rng = np.random.default_rng(seed)
-    return Gaussians(
-        means=rng.normal(size=(n, 3)).astype(np.float32),
-        scales=np.exp(rng.normal(-5, 1, size=(n, 3))).astype(np.float32),
-        quats=rng.normal(size=(n, 4)).astype(np.float32),
-        opacities=rng.uniform(0.01, 0.99, size=n).astype(np.float32),
-        colors=rng.uniform(0, 1, size=(n, 3)).astype(np.float32))
-
-
-def test_ply_roundtrip_and_3dgs_layout(tmp_path):
-    gaussians = _random_gaussians(50)
-    path = ply.write_ply(tmp_path / "head.ply", gaussians)
-    back = ply.read_ply(path)
-    for name in ("means", "quats"):
-        np.testing.assert_array_equal(getattr(back, name), getattr(gaussians, name))
-    for name in ("scales", "opacities", "colors"):
-        np.testing.assert_allclose(getattr(back, name), getattr(gaussians, name), rtol=2e-6, atol=1e-6)
-
-    # Independent parse: the header text and the raw stored (pre-activation) values.
-    data = path.read_bytes()
-    header, body = data.split(b"end_header\n")
-    lines = header.decode().splitlines()
-    assert lines[:2] == ["ply", "format binary_little_endian 1.0"] and "element vertex 50" in lines
-    names = [line.split()[2] for line in lines if line.startswith("property float")]
-    assert names == ["x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2", "opacity",
-                     "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3"]
-    raw = np.frombuffer(body, dtype=np.dtype([(n, "<f4") for n in names]))
-    assert raw.shape == (50,)
-    o = gaussians.opacities.astype(np.float64)
-    np.testing.assert_allclose(raw["opacity"], np.log(o / (1 - o)), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(raw["scale_1"], np.log(gaussians.scales[:, 1]), rtol=1e-6)
-    np.testing.assert_allclose(raw["f_dc_2"], (gaussians.colors[:, 2] - 0.5) / 0.28209479177387814,
-                               rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(raw["rot_0"], gaussians.quats[:, 0])    # w first
-    np.testing.assert_array_equal(raw["nx"], 0.0)
-
-
-def test_ply_sh_degree_3_and_batch_of_one(tmp_path):
-    gaussians = _random_gaussians(5)
-    batched = jax.tree_util.tree_map(lambda x: x[None], gaussians)
-    path = ply.write_ply(tmp_path / "sh3.ply", batched, sh_degree=3)
-    header = path.read_bytes().split(b"end_header\n")[0].decode()
-    assert header.count("property float f_rest_") == 45
-    np.testing.assert_array_equal(ply.read_ply(path).means, gaussians.means)
-
-
-def test_ply_errors(tmp_path):
-    gaussians = _random_gaussians(4)
-    with pytest.raises(FileNotFoundError, match="nope.ply"):
-        ply.read_ply(tmp_path / "nope.ply")
-    path = ply.write_ply(tmp_path / "ok.ply", gaussians)
-    (tmp_path / "cut.ply").write_bytes(path.read_bytes()[:-10])
-    with pytest.raises(ValueError, match="cut.ply: truncated"):
-        ply.read_ply(tmp_path / "cut.ply")
-    (tmp_path / "ascii.ply").write_bytes(path.read_bytes().replace(b"binary_little_endian", b"ascii"))
-    with pytest.raises(ValueError, match="ascii.ply: PLY format 'ascii'"):
-        ply.read_ply(tmp_path / "ascii.ply")
-    renamed = path.read_bytes().replace(b"property float opacity", b"property float alpha")
-    (tmp_path / "noop.ply").write_bytes(renamed)
-    with pytest.raises(ValueError, match=r"missing 3DGS properties \['opacity'\]"):
-        ply.read_ply(tmp_path / "noop.ply")
-    two = jax.tree_util.tree_map(lambda x: np.stack([x, x]), gaussians)
-    with pytest.raises(ValueError, match="batch of 2"):
-        ply.write_ply(tmp_path / "two.ply", two)
-    bad = Gaussians(gaussians.means.copy(), gaussians.scales, gaussians.quats,
-                    gaussians.opacities, gaussians.colors)
-    bad.means[0, 0] = np.nan
-    with pytest.raises(ValueError, match="means has non-finite"):
-        ply.write_ply(tmp_path / "nan.ply", bad)
-
-
-# ------------------------------------------------------------------------------------------
-# Scripts
-# ------------------------------------------------------------------------------------------
-
-def test_every_script_has_help():
-    expected = {"sample": ("--seeds", "--psi", "--orbit_frames", "--expression", "--jaw"),
-                "animate": ("--flame_sequence", "--frames", "--camera", "--realtime", "--seeds"),
-                "export_ply": ("--frame", "--sh_degree", "--flame_sequence"),
-                "benchmark": ("--identities", "--frames", "--throughput", "--batch")}
-    procs = {name: subprocess.Popen([sys.executable, str(REPO / "experiments" / f"{name}.py"), "--help"],
-                                    cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for name in expected}
-    for name, proc in procs.items():
-        out, _ = proc.communicate(timeout=120)
-        text = out.decode()
-        assert proc.returncode in (0, 1), text
-        for flag in ("--workdir", "--config", "--random_init", "--out") + expected[name]:
-            assert flag in text, f"{name}.py --help lacks {flag}:\n{text}"

@@ -38,3 +38,18 @@ def test_synthetic_dataset_is_deterministic(tmp_path):
         assert np.array_equal(np.asarray(Image.open(a / "images" / name)),
                               np.asarray(Image.open(b / "images" / name)))
     assert (a / "dataset.json").read_text() == (b / "dataset.json").read_text()
+
+
+def test_rebuild_reason_follows_the_recipe(tmp_path):
+    from reta3d.data import folder as folder_lib
+    wanted = synthetic.recipe(8, 32, seed=0, uv_resolution=32)
+    assert synthetic.rebuild_reason(tmp_path, wanted) == "missing"
+    (tmp_path / folder_lib.LABELS_FILE).write_text("{}")
+    assert "older version" in synthetic.rebuild_reason(tmp_path, wanted)
+    synthetic._write_recipe(tmp_path, dict(wanted, version=1))
+    assert synthetic.rebuild_reason(tmp_path, wanted) == \
+        f"recipe version 1 -> {synthetic.RECIPE_VERSION}"
+    synthetic._write_recipe(tmp_path, dict(wanted, resolution=64))
+    assert synthetic.rebuild_reason(tmp_path, wanted) == "settings changed: resolution"
+    synthetic._write_recipe(tmp_path, wanted)
+    assert synthetic.rebuild_reason(tmp_path, wanted) is None

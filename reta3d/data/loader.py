@@ -1,16 +1,21 @@
-"""The training input pipeline (grain): shard, shuffle, flip, batch per device, prefetch.
+"""The training input pipeline (grain): shuffle, flip, shard per host, batch per device, prefetch.
 
 Pipeline over any random-access source (the TFDS array_record source of
 `tfds_builder.load_data_source`, or a plain sequence of dicts with the same keys):
 
-  source ─ tag "index" ─ equal-size shard per host (strided) ─ shuffle (seeded, a new
-  order every epoch) ─ repeat(num_epochs) ─ decode/resize ─ random flip (seeded per
-  element) ─ image to float32 [-1, 1] ─ batch (drop_remainder) ─ reshape per device ─
-  prefetch (threads; worker processes if worker_count > 0)
+  record ids ─ shuffle (seeded, a new order every epoch) ─ the first ⌊N / G⌋·G of each
+  epoch ─ repeat(num_epochs) ─ flip decision (seeded per position) ─ global batches of G ─
+  this host's slice of each (host k of S: positions k·G/S … (k+1)·G/S − 1) ─ read, decode,
+  resize, flip, image to float32 [-1, 1] ─ reshape per device ─ prefetch (threads; worker
+  processes if worker_count > 0)
 
-Every random choice is a function of (seed, shard_index, position in the stream), so the
-same arguments give the same batches, and `get_state()`/`set_state()` (a small dict, safe
-to store in a checkpoint) resume a run exactly where it stopped.
+The global stream (which records, in which order, which are flipped) is a function of the
+seed only, never of the number of hosts: host k reads only its slice of every global batch,
+so S hosts with D devices each see, device by device, exactly the batch one host with S·D
+devices sees (and `train.make_steps` then computes the same step). Every random choice is a
+function of (seed, position in the global stream), so the same arguments give the same
+batches, and `get_state()`/`set_state()` (a small dict, safe to store in a checkpoint) resume
+a run exactly where it stopped.
 """
 from __future__ import annotations
 
@@ -31,9 +36,13 @@ FLAME_FIELDS = folder_format.FLAME_KEYS
 BATCH_KEYS = ("image", "camera") + FLAME_FIELDS + ("index", "flipped")
 
 
-def _seeds(seed: int, shard_index: int) -> tuple[int, int]:
-    """Independent 32-bit seeds for the shuffle and the flips of one shard."""
-    shuffle_seed, flip_seed = np.random.SeedSequence([seed, shard_index]).generate_state(2)
+# Part of the loader's settings: a checkpointed stream from another layout cannot resume.
+_STREAM_LAYOUT = "global-batch-slices-v2"
+
+
+def _seeds(seed: int) -> tuple[int, int]:
+    """Independent 32-bit seeds for the shuffle and the flips (the same on every host)."""
+    shuffle_seed, flip_seed = np.random.SeedSequence([seed]).generate_state(2)
     return int(shuffle_seed), int(flip_seed)
 
 
@@ -59,17 +68,16 @@ def _decode(element: tuple[int, Mapping[str, Any]], resolution: Optional[int]) -
     return out
 
 
-def _tag_index(index: int, record, num_records: int):
-    # grain hands repeated/sliced positions (epoch * len + i) through; the record is i.
-    return index % num_records, record
+def _not_flipped(record_id) -> tuple:
+    return int(record_id), False
 
 
-def _not_flipped(element: dict) -> dict:
-    return {**element, "flipped": np.bool_(False)}
+def _draw_flip(record_id, rng: np.random.Generator) -> tuple:
+    # Drawn on the global stream, before the host split: a function of the position only.
+    return int(record_id), bool(rng.random() < 0.5)
 
 
-def _random_flip(element: dict, rng: np.random.Generator) -> dict:
-    flipped = bool(rng.random() < 0.5)
+def _apply_flip(element: dict, flipped: bool) -> dict:
     if flipped:
         flame = {key: element[key] for key in FLAME_FIELDS}
         image, camera, flame = flip_lib.flip_sample(element["image"], element["camera"], flame)
@@ -86,6 +94,15 @@ def _normalise(element: dict) -> dict:
 def _split_devices(batch: dict, num_devices: int) -> dict:
     return {key: value.reshape((num_devices, -1) + value.shape[1:])
             for key, value in batch.items()}
+
+
+def _read_host_batch(ids_and_flips, data_source, resolution: Optional[int], num_devices: int) -> dict:
+    """(record ids (H,), flips (H,)) -> this host's batch, split over its devices."""
+    ids, flips = (np.asarray(a).reshape(-1) for a in ids_and_flips)
+    elements = [_normalise(_apply_flip(_decode((int(i), data_source[int(i)]), resolution), bool(f)))
+                for i, f in zip(ids, flips)]
+    batch = {key: np.stack([element[key] for element in elements]) for key in elements[0]}
+    return _split_devices(batch, num_devices)
 
 
 class Loader:
@@ -139,12 +156,14 @@ def make_loader(data_source: Sequence[Mapping[str, Any]], global_batch_size: int
     """The training loader over `data_source` (see the module docstring).
 
     global_batch_size: examples per step over all hosts; each host (shard_index of
-    shard_count, e.g. jax.process_index()/jax.process_count()) yields
-    global_batch_size / shard_count examples split over its `num_devices` local devices,
-    so global_batch_size must be divisible by shard_count * num_devices.
-    Each host reads an equal share of the records (the remainder of len / shard_count is
-    left out, so hosts step in lockstep). num_epochs=None repeats forever; the last
-    incomplete batch is dropped. resolution: resize images whose size differs (None: keep).
+    shard_count, e.g. jax.process_index()/jax.process_count()) yields its slice of every
+    global batch, global_batch_size / shard_count examples split over its `num_devices`
+    local devices, so global_batch_size must be divisible by shard_count * num_devices.
+    Host k's slice is examples k·H … (k+1)·H − 1 of the global batch (H = the host batch):
+    the hosts read disjoint records, and the global batch does not depend on shard_count.
+    An epoch is ⌊len / global_batch_size⌋ global batches of a fresh permutation (the
+    remainder, a different random set each epoch, is left out). num_epochs=None repeats
+    forever. resolution: resize images whose size differs (None: keep).
     worker_count > 0 decodes in that many processes (grain mp_prefetch); read_threads and
     prefetch_batches control the in-process thread prefetch.
     """
@@ -159,27 +178,28 @@ def make_loader(data_source: Sequence[Mapping[str, Any]], global_batch_size: int
     if not 0 <= seed < 2**32:
         raise ValueError(f"seed must be in [0, 2**32), got {seed}")
     host_batch = global_batch_size // shard_count
-    records_per_shard = len(data_source) // shard_count
-    if records_per_shard < host_batch:
-        raise ValueError(f"the source holds {len(data_source)} records: {records_per_shard} "
-                         f"per host, fewer than one host batch of {host_batch}")
+    batches_per_epoch = len(data_source) // global_batch_size
+    if batches_per_epoch < 1:
+        raise ValueError(f"the source holds {len(data_source)} records, fewer than one global "
+                         f"batch of {global_batch_size} ({shard_count} host batch(es) of "
+                         f"{host_batch})")
 
-    shuffle_seed, flip_seed = _seeds(seed, shard_index)
-    # Module-level functions (not lambdas) so worker processes can unpickle the pipeline.
-    dataset = grain.MapDataset.source(data_source).map_with_index(
-        functools.partial(_tag_index, num_records=len(data_source)))
-    dataset = dataset[:records_per_shard * shard_count][shard_index::shard_count]
+    shuffle_seed, flip_seed = _seeds(seed)
+    # Only record ids travel through the shuffle, the flip draw and the host split, so a
+    # host reads (and decodes) nothing but its own slice. Module-level functions (not
+    # lambdas) so worker processes can unpickle the pipeline.
+    dataset = grain.MapDataset.range(len(data_source))
     if shuffle:
-        dataset = dataset.shuffle(seed=shuffle_seed)
-    dataset = dataset.repeat(num_epochs)
-    dataset = dataset.map(functools.partial(_decode, resolution=resolution))
+        dataset = dataset.shuffle(seed=shuffle_seed)   # position e·N + i: epoch e's order
+    dataset = dataset[:batches_per_epoch * global_batch_size].repeat(num_epochs)
     if flip:
-        dataset = dataset.random_map(_random_flip, seed=flip_seed)
+        dataset = dataset.random_map(_draw_flip, seed=flip_seed)
     else:
         dataset = dataset.map(_not_flipped)
-    dataset = dataset.map(_normalise)
-    dataset = dataset.batch(host_batch, drop_remainder=True)
-    dataset = dataset.map(functools.partial(_split_devices, num_devices=num_devices))
+    # Global batch j is host batches j·S … j·S + S − 1; host k keeps the k-th of each.
+    dataset = dataset.batch(host_batch, drop_remainder=True)[shard_index::shard_count]
+    dataset = dataset.map(functools.partial(_read_host_batch, data_source=data_source,
+                                            resolution=resolution, num_devices=num_devices))
     iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(
         num_threads=min(read_threads, prefetch_batches), prefetch_buffer_size=prefetch_batches))
     if worker_count > 0:
@@ -193,5 +213,5 @@ def make_loader(data_source: Sequence[Mapping[str, Any]], global_batch_size: int
                 "seed": seed, "shuffle": shuffle, "flip": flip, "resolution": resolution,
                 "shard_index": shard_index, "shard_count": shard_count,
                 "num_epochs": num_epochs, "worker_count": worker_count,
-                "num_records": len(data_source)}
-    return Loader(iter_dataset, settings, records_per_shard // host_batch)
+                "num_records": len(data_source), "layout": _STREAM_LAYOUT}
+    return Loader(iter_dataset, settings, batches_per_epoch)

@@ -546,12 +546,15 @@ class RETA3DGenerator:
     head_binding: Any
 
     @staticmethod
-    def create(config: Optional[GeneratorConfig] = None, flame_model=None) -> "RETA3DGenerator":
+    def create(config: Optional[GeneratorConfig] = None, flame_model=None,
+               log_gamma_s: Optional[float] = None) -> "RETA3DGenerator":
+        """log_gamma_s: ln γs for both maps; None measures it from the texel spacing at the
+        configured UV resolutions (`binding.HeadBinding.from_model`)."""
         from reta3d import binding, flame  # the head model is only needed for animation
         config = GeneratorConfig() if config is None else config
         flame_model = flame.load() if flame_model is None else flame_model
         head_binding = binding.HeadBinding.from_model(flame_model, config.uv_resolution,
-                                                      config.mouth_resolution)
+                                                      config.mouth_resolution, log_gamma_s)
         return RETA3DGenerator(config, flame_model, head_binding)
 
     @functools.cached_property

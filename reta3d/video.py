@@ -1,0 +1,102 @@
+"""Video and image-layout helpers of the sampling and animation scripts.
+
+`write_video` (.mp4 through ffmpeg/libx264, .gif through ffmpeg's palette filters: exactly one
+video frame per input frame, identical frames included), `read_video`, `timing_path` (where an
+animation's timing JSON goes), and the tiling of several identities / views into one picture
+(`side_by_side`, `image_grid`).
+"""
+from __future__ import annotations
+
+import contextlib
+import pathlib
+import warnings
+
+import chex
+import numpy as np
+
+from reta3d.sequences import DEFAULT_FPS
+
+VIDEO_SUFFIXES = (".mp4", ".gif")
+
+
+def side_by_side(frames: np.ndarray) -> np.ndarray:
+    """(T, S, H, W, 3) → (T, H, S·W, 3): identities left to right."""
+    chex.assert_rank(frames, 5)
+    t, s, h, w, c = frames.shape
+    return frames.transpose(0, 2, 1, 3, 4).reshape(t, h, s * w, c)
+
+
+def image_grid(images: np.ndarray) -> np.ndarray:
+    """(rows, cols, H, W, 3) → (rows·H, cols·W, 3)."""
+    chex.assert_rank(images, 5)
+    r, c, h, w, ch = images.shape
+    return images.transpose(0, 2, 1, 3, 4).reshape(r * h, c * w, ch)
+
+
+@contextlib.contextmanager
+def _ffmpeg_subprocess():
+    """Silences Python's fork warning for ffmpeg: a separate program started by fork+exec, so
+    the forked child runs no JAX code (the warning's deadlock cannot happen)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
+        yield
+
+
+def write_video(path, frames: np.ndarray, fps: float = DEFAULT_FPS) -> pathlib.Path:
+    """frames (T, H, W, 3) uint8 → `path` (.mp4: H.264 yuv420p, odd sizes padded by one edge
+    pixel; .gif: ffmpeg palettegen/paletteuse, one palette for the clip). ffmpeg writes every
+    frame, so the file has exactly T frames even when consecutive frames are identical (Pillow's
+    GIF writer would merge those)."""
+    import imageio_ffmpeg
+    path = pathlib.Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in VIDEO_SUFFIXES:
+        raise ValueError(f"{path}: video output must end in {' or '.join(VIDEO_SUFFIXES)}")
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or frames.shape[0] < 1:
+        raise ValueError(f"write_video expects (T>=1, H, W, 3) uint8 frames, got "
+                         f"{frames.dtype} {frames.shape}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if suffix == ".mp4":
+        pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
+        if pad_h or pad_w:
+            frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+        kwargs = dict(codec="libx264", pix_fmt_out="yuv420p", quality=8, macro_block_size=2,
+                      output_params=["-movflags", "+faststart"])
+    else:
+        kwargs = dict(codec="gif", pix_fmt_out="pal8", quality=None, macro_block_size=1,
+                      output_params=["-vf", "split[a][b];[a]palettegen=stats_mode=full[p];"
+                                            "[b][p]paletteuse=dither=sierra2_4a", "-loop", "0"])
+    height, width = frames.shape[1:3]
+    with _ffmpeg_subprocess():
+        writer = imageio_ffmpeg.write_frames(str(path), (width, height), fps=float(fps),
+                                             ffmpeg_log_level="error", **kwargs)
+        writer.send(None)
+        for frame in frames:
+            writer.send(np.ascontiguousarray(frame))
+        writer.close()
+    return path
+
+
+def read_video(path) -> np.ndarray:
+    """All frames of a .mp4 / .gif as (T, H, W, 3) uint8."""
+    import imageio.v2 as imageio
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"video not found: {path}")
+    if path.suffix.lower() == ".gif":
+        frames = imageio.mimread(path, memtest=False)
+        return np.stack([np.asarray(f)[..., :3] for f in frames])
+    with _ffmpeg_subprocess():
+        reader = imageio.get_reader(path, format="FFMPEG")
+        try:
+            return np.stack([np.asarray(f) for f in reader])
+        finally:
+            reader.close()
+
+
+def timing_path(video_path) -> pathlib.Path:
+    """Where the per-frame timing JSON of a video goes: NAME.mp4 → NAME_timing.json."""
+    video_path = pathlib.Path(video_path)
+    return video_path.with_name(video_path.stem + "_timing.json")
+

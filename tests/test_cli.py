@@ -1,0 +1,81 @@
+"""The scripts' shared command-line plumbing (reta3d/cli.py) and every script's --help."""
+import io
+import pathlib
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from reta3d import cli, inference
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_parse_seeds_and_lists():
+    assert cli.parse_seeds("0-3,7,2,10-11") == [0, 1, 2, 3, 7, 10, 11]
+    for bad in ("", "a", "3-1", "-2"):
+        with pytest.raises(ValueError):
+            cli.parse_seeds(bad)
+    assert cli.parse_floats("0.5, -1,2", "x") == [0.5, -1.0, 2.0]
+    assert cli.parse_floats(None, "x") == [] and cli.parse_floats(" ", "x") == []
+    with pytest.raises(ValueError, match="--expression"):
+        cli.parse_floats("1,nan", "--expression")
+    assert cli.parse_expression_components("smile=1, blink=7") == {"smile": 1, "blink": 7}
+    with pytest.raises(ValueError, match="expected name=index"):
+        cli.parse_expression_components("smile:1")
+    z = inference.latents_for_seeds([4, 4, 5], 8)
+    np.testing.assert_array_equal(z[0], z[1])
+    np.testing.assert_array_equal(z[0], np.random.RandomState(4).randn(8).astype(np.float32))
+
+
+def test_overflow_report_and_warning_line():
+    # Two frames of three images; capacity 1000: image (1, 2) needed 1000 + 250 slots.
+    report = inference.overflow_report(np.array([[0, 10, 0], [0, 0, 250]]), 1000)
+    assert report == {"capacity": 1000, "images": 6, "images_with_overflow": 2,
+                      "dropped_tile_intersections": 260, "max_dropped_fraction": 250 / 1250,
+                      "capacity_needed": 1250}
+    stream = io.StringIO()
+    line = cli.warn_overflow(report, "dri", file=stream)
+    assert stream.getvalue() == line + "\n" and "\n" not in line
+    assert line.startswith("warning: rasterizer capacity overflow in dri: 260 tile "
+                           "intersections dropped in 2 of 6 images")
+    assert "20.00%" in line and "--capacity=1250" in line and "(now 1000)" in line
+    clean = inference.overflow_report(np.zeros((4,), np.int32), 64)
+    assert clean["dropped_tile_intersections"] == 0 and clean["max_dropped_fraction"] == 0.0
+    assert cli.warn_overflow(clean, file=stream) is None
+    assert stream.getvalue().count("\n") == 1
+
+
+# Each script's own flags and the shared ones (reta3d/cli.py) that its --help must list.
+SCRIPT_FLAGS = {
+    "sample": ("workdir", "config", "random_init", "init_seed", "psi", "resolution", "backend",
+               "capacity", "out", "seeds", "orbit_frames", "expression", "jaw"),
+    "animate": ("workdir", "config", "random_init", "psi", "capacity", "out",
+                "flame_sequence", "frames", "camera", "realtime", "seeds"),
+    "export_ply": ("workdir", "config", "random_init", "psi", "out", "frame", "sh_degree",
+                   "flame_sequence"),
+    "benchmark": ("workdir", "config", "random_init", "capacity", "repeats", "warmup", "out",
+                  "identities", "frames", "throughput", "batch"),
+    "benchmark_head": ("flame_model", "flame_uv", "repeats", "warmup", "batch_sizes"),
+    "benchmark_networks": ("flame_model", "flame_uv", "repeats", "warmup", "dtypes"),
+    "benchmark_rasterizer": ("repeats", "warmup", "capacity", "num_gaussians"),
+    "benchmark_train": ("repeats", "warmup", "configs"),
+    "render_head": ("flame_model", "flame_uv", "out", "image_size"),
+}
+
+
+def test_every_script_lists_its_flags_in_help():
+    procs = {name: subprocess.Popen([sys.executable, str(REPO / "experiments" / f"{name}.py"),
+                                     "--help"], cwd=REPO, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT)
+             for name in SCRIPT_FLAGS}
+    for name, proc in procs.items():
+        out, _ = proc.communicate(timeout=180)
+        text = out.decode()
+        assert proc.returncode in (0, 1), text
+        # The flag listing (not the docstring's examples): "  --name: help" or "--[no]name".
+        listed = set(re.findall(r"^\s+--(?:\[no\])?(\w+):", text, flags=re.M))
+        missing = [f for f in SCRIPT_FLAGS[name] if f not in listed]
+        assert not missing, f"{name}.py --help does not list {missing}:\n{text}"

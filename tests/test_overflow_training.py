@@ -1,0 +1,34 @@
+"""Rasterizer overflow during training is measured, logged, warned about and fixed."""
+import json
+
+import pytest
+
+from reta3d import train
+from test_launch import micro_config
+
+
+def test_grown_capacity_buckets():
+    assert train.grown_capacity(1024, 100, 10_000, 64) == 2048          # 1.25 * 1124 -> 2048
+    assert train.grown_capacity(4096, 4000, 10_000, 64) == 16384        # 1.25 * 8096 -> 16384
+    assert train.grown_capacity(4096, 10**6, 100, 64) == 100 * 16       # N * tiles at most
+
+
+def test_overflowing_run_logs_warns_and_grows_the_capacity(tmp_path, capsys):
+    config = micro_config(tmp_path)
+    config.render.capacity = 64        # far below what 32² renders of the head need
+    config.train.total_kimg = 0.012    # 3 steps of 4
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(config, str(workdir))
+    out = capsys.readouterr().out
+    assert "warning: rasterizer overflow at step 1" in out
+    assert "capacity 64 ->" in out
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    first = [r for r in records if r.get("step") == 1 and "g_total" in r][0]
+    assert 0.0 < first["render_dropped_fraction"] < 1.0
+    assert first["render_overflow_max"] > 0
+    grown = [r for r in records if "render_capacity" in r]
+    assert grown and grown[0]["render_capacity"] > 64
+    # After growing, the later steps render everything.
+    last = [r for r in records if r.get("step") == 3 and "g_total" in r][0]
+    assert last["render_dropped_fraction"] == 0.0 and last["render_overflow_max"] == 0
+    assert config.render.capacity == grown[-1]["render_capacity"]
