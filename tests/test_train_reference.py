@@ -16,17 +16,21 @@ on a tiny config and a fixed batch is checked against:
 - StyleGAN2's EMA e ← β·e + (1 − β)·p, with e ≠ p before the step and β = 0.9, so that β and
   1 − β are told apart.
 
+The tiny config regularises every 2 steps (r1_interval = 2), so the iteration at step 0 runs
+all three phases and D's Adam takes two steps (mb_ratio = 2/3).
+
 Randomness: latents come from the step's keys (`train._step_keys`, `train.global_latents`,
 called here); noise is const, style mixing and the camera swap are off.
 
 Tolerance: the reference's gradients differ from the step's by float32 summation order
-(differently fused XLA programs): ~1e-4 relative, up to 1e-2 for a scalar summed over a whole
-image such as a noise strength. Every Adam update here is 0.3..0.9·lr and the second moments
-are floored at the gradients' own size (see `_second_moments`), so parameters must agree to
-5e-3·lr plus 4 float32 ulps of the weight (measured worst: 1e-3·lr). The mistakes this file
-guards against move them by much more: a flipped sign or a dropped term by ~lr, β2 without
-the lazy-regularisation correction by ~0.1·lr, the EMA written the other way round by
-0.8·|p − e| ≈ 0.008.
+(differently fused XLA programs): ~1e-4 relative. Adam's updates here are 0.1..0.7·lr per
+leaf and the second moments are floored at the gradients' own size (see `_second_moments`), so
+parameters must agree to 5e-3·lr plus ~4 float32 ulps of the weight (measured worst: 8e-4·lr).
+The exception is a noise strength, one scalar whose gradient sums terms of both signs over a
+whole feature map, known to ~1% only (measured: 2.4e-3·lr): 3e-2·lr for those. The mistakes
+this file guards against move parameters by much more: a flipped sign or a dropped term by
+~lr, β2 without the lazy-regularisation correction by ~0.1·lr, the EMA written the other way
+round by 0.8·|p − e| ≈ 0.008 (25·lr).
 """
 import functools
 
@@ -42,6 +46,7 @@ EMA_BETA = 0.9          # passed to train_iteration; train.ema_beta is tested in
 ADAM_COUNT = 3          # Adam steps already taken when the iteration starts
 LAMBDA_ID = 0.1
 TOLERANCE = 5e-3        # parameters agree to TOLERANCE · lr (see the module docstring)
+NOISE_STRENGTH_FACTOR = 6   # ... noise strengths to 6 · TOLERANCE · lr
 
 
 def reference_config():
@@ -293,9 +298,11 @@ def _assert_leaves_close(actual_tree, expected, atol, what):
     assert len(actual) == len(expected)
     worst = max(float(np.abs(a - e).max()) for a, e in zip(actual, expected))
     for path, a, e in zip(_paths(actual_tree), actual, expected):
+        # Noise strengths: see the module docstring.
+        leaf_atol = atol * NOISE_STRENGTH_FACTOR if "noise_strength" in path else atol
         # rtol: float32 rounding of the stored weights (some are ~100, e.g. the mapping's
         # equalised-lr kernels, where one ulp is 8e-6).
-        np.testing.assert_allclose(a, e, rtol=5e-7, atol=atol,
+        np.testing.assert_allclose(a, e, rtol=5e-7, atol=leaf_atol,
                                    err_msg=f"{what}{path} (worst leaf error {worst:.3g})")
 
 
