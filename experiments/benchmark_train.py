@@ -27,21 +27,6 @@ flags.DEFINE_string("backend", None, "Rasterizer backend override (jax | triton 
 FLAGS = flags.FLAGS
 
 
-def random_batch(config, num_devices, per_device, rng):
-    import numpy as np
-    from rasterizer.types import look_at_eg3d_label
-    n = num_devices * per_device
-    res = config.render.resolution
-    cams = np.stack([look_at_eg3d_label(rng.uniform(-0.5, 0.5), rng.uniform(-0.2, 0.2))
-                     for _ in range(n)])
-    batch = {"image": rng.uniform(-1, 1, (n, res, res, 3)).astype(np.float32), "camera": cams,
-             "shape": rng.normal(0, 0.5, (n, 100)), "expression": rng.normal(0, 0.5, (n, 50)),
-             "global_pose": np.zeros((n, 3)), "neck_pose": rng.normal(0, 0.05, (n, 3)),
-             "jaw_pose": np.abs(rng.normal(0, 0.1, (n, 3))), "eye_pose": np.zeros((n, 6))}
-    return {k: np.asarray(v, np.float32).reshape((num_devices, per_device) + v.shape[1:])
-            for k, v in batch.items()}
-
-
 def measure(name):
     import jax
     import numpy as np
@@ -63,7 +48,7 @@ def measure(name):
     state = train.create_train_state(config, generator, discriminator, jax.random.PRNGKey(0))
     steps = train.make_steps(config, generator, discriminator, vgg_features)
     state = train.replicate(state)
-    batch = random_batch(config, num_devices, per_device, np.random.default_rng(0))
+    batch = train.random_batch(config, num_devices, per_device, np.random.default_rng(0))
     decay = np.full((num_devices,), 0.999, np.float32)
 
     def timed(fn, *args):
