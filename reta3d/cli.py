@@ -7,6 +7,7 @@ level, before `app.run`):
     define_render_flags()                --resolution --backend --capacity
     define_capacity_flag()               --capacity alone
     define_flame_model_flags()           --flame_model --flame_uv
+    define_landmark_flags()              --landmark_embedding --dynamic_embedding
     define_timing_flags(repeats, warmup) --repeats --warmup
 
 This module disclaims its key flags (`absl.flags.disclaim_key_flags`), so every flag it defines
@@ -73,6 +74,35 @@ def define_flame_model_flags() -> None:
     flags.DEFINE_string("flame_model", None, "FLAME model file (.pkl/.npz); default: template.")
     flags.DEFINE_string("flame_uv", None, "FLAME UV file (head_template.obj or .npz); default: "
                                           "the model's own UVs.")
+
+
+def define_landmark_flags() -> None:
+    """--landmark_embedding / --dynamic_embedding: the head model's 68-point landmark
+    embedding (default: the template head's own; a real FLAME model needs the user's file)."""
+    flags.DEFINE_string("landmark_embedding", None,
+                        "Landmark embedding of --flame_model: DECA's landmark_embedding.npy or "
+                        "FLAME's flame_static_embedding.pkl (default: the template's own).")
+    flags.DEFINE_string("dynamic_embedding", None,
+                        "FLAME's flame_dynamic_embedding.npy (with flame_static_embedding.pkl).")
+
+
+def load_head_and_landmarks(model=None, flag_values=FLAGS):
+    """(head model, its LandmarkEmbedding) from --flame_model/--flame_uv and
+    --landmark_embedding/--dynamic_embedding; `model` given: that model (e.g. a generator's).
+    A real FLAME model without --landmark_embedding is an error saying where to get one."""
+    from reta3d import flame
+    from reta3d.fitting import embedding
+    if model is None:
+        model = flame.load(flag_values.flame_model, flag_values.flame_uv)
+    path = flag_values.landmark_embedding
+    if path is None:
+        if model.name != "template_head":
+            raise app.UsageError(
+                f"the head model '{model.name}' needs --landmark_embedding: DECA's "
+                "data/landmark_embedding.npy (github.com/yfeng95/DECA) or FLAME's "
+                "flame_static_embedding.pkl (flame.is.tue.mpg.de)")
+        return model, embedding.template_embedding()
+    return model, embedding.load_embedding(path, model, flag_values.dynamic_embedding)
 
 
 def define_timing_flags(repeats: int, warmup: int) -> None:

@@ -182,8 +182,9 @@ def identity_loss(
     VGG16 after ImageNet normalisation. The L1 is the mean absolute difference of each
     layer, averaged over the layers (each layer counts equally whatever its size).
     stop_gradient_static: the static image is the target the dynamic module must stay
-    close to, so by default no gradient flows through it (gradients still reach the static
-    generator through I_d, since F_d = F + ΔF).
+    close to, so by default no gradient flows through it. Through I_d (F_d = F + ΔF) a plain
+    gradient of this loss would still reach the static generator; the training step keeps
+    it on G_d alone (`reta3d.train.generator_gradients`, Sec. 2.4).
     """
     chex.assert_rank(image_dynamic, 4)
     chex.assert_axis_dimension(image_dynamic, 3, 3)

@@ -15,6 +15,14 @@ FLAME sequence file (.npz) layout; every array numeric and finite; T = number of
     eye_pose     (T, 6)  axis-angle, left eye then right eye
     shape        (S,) or (T, S)  identity coefficients (optional; same rule as expression)
     fps          ()      frames per second of the recording (optional; the video's frame rate)
+Written by `experiments/track_video.py` as well (optional; read by `load_tracking`, not part of
+the FLAME sequence itself):
+    camera_labels (T, 25) the same head pose as EG3D camera labels with the head rotation
+                          absorbed into the camera (what a dataset's dataset.json holds); do not
+                          combine them with global_pose, which already turns the head
+    face_found    (T,)    1 where a face was detected in the frame, 0 where the frame's
+                          parameters were interpolated from its neighbours
+    yaw_pitch_roll_deg (T, 3) the head's orientation relative to the camera (degrees)
 Missing arrays are zeros; at least one per-frame array is needed to define T, and all
 per-frame arrays must have the same T. Any other key is an error (a misspelt "jaw" would
 otherwise silently animate nothing).
@@ -30,6 +38,8 @@ import numpy as np
 FLAME_KEYS = ("shape", "expression", "global_pose", "neck_pose", "jaw_pose", "eye_pose")
 POSE_WIDTHS = {"global_pose": 3, "neck_pose": 3, "jaw_pose": 3, "eye_pose": 6}
 PER_FRAME_KEYS = ("expression", "jaw_pose", "neck_pose", "global_pose", "eye_pose")
+# Per-frame extras of tracked sequences: (T, 25), (T,), (T, 3).
+TRACKING_KEYS = {"camera_labels": 25, "face_found": None, "yaw_pitch_roll_deg": 3}
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_SEQUENCES = ("talk", "blink", "nod", "smile")
 DEFAULT_FPS = 30.0
@@ -55,11 +65,12 @@ def validate_flame_sequence(arrays: Mapping[str, Any], source: str, num_expressi
     naming `source` and the array for unknown keys, wrong ranks or widths, disagreeing frame
     counts, non-numeric or non-finite values, and for a sequence without per-frame arrays.
     """
-    allowed = set(FLAME_KEYS) | {"fps"}
+    allowed = set(FLAME_KEYS) | {"fps"} | set(TRACKING_KEYS)
     unknown = sorted(set(arrays) - allowed)
     if unknown:
         raise ValueError(f"{source}: unknown array(s) {unknown}; a FLAME sequence holds "
-                         f"{', '.join(PER_FRAME_KEYS)} (T, k), optional shape and fps")
+                         f"{', '.join(PER_FRAME_KEYS)} (T, k), optional shape, fps and the "
+                         f"tracking extras {sorted(TRACKING_KEYS)}")
     checked = {}
     for key, value in arrays.items():
         value = np.asarray(value)
@@ -91,6 +102,12 @@ def validate_flame_sequence(arrays: Mapping[str, Any], source: str, num_expressi
     num_frames = next(iter(lengths.values()))
     if num_frames < 1:
         raise ValueError(f"{source}: the sequence has no frames")
+    for key, width in TRACKING_KEYS.items():
+        if key in checked:
+            expected = (num_frames,) if width is None else (num_frames, width)
+            if checked[key].shape != expected:
+                raise ValueError(f"{source}: array '{key}' must be {expected} (one row per "
+                                 f"frame), got shape {checked[key].shape}")
     if "fps" in checked and (checked["fps"].size != 1 or float(checked["fps"].reshape(-1)[0]) <= 0):
         raise ValueError(f"{source}: 'fps' must be one positive number, got {checked['fps']!r}")
 
@@ -130,6 +147,23 @@ def load_flame_sequence(path, num_expression: int, num_shape: Optional[int] = No
     sequence = validate_flame_sequence(arrays, str(path), num_expression, num_shape)
     fps = float(np.asarray(arrays["fps"]).reshape(-1)[0]) if "fps" in arrays else None
     return sequence, fps
+
+
+def load_tracking(path) -> Dict[str, np.ndarray]:
+    """The tracking extras of a sequence file written by `experiments/track_video.py`:
+    {"camera_labels": (T, 25) float32, "face_found": (T,) bool, "yaw_pitch_roll_deg": (T, 3)
+    float32}, each only if present.
+    The file is validated as a FLAME sequence first (same errors as `load_flame_sequence`)."""
+    load_flame_sequence(path, num_expression=1)
+    with np.load(path, allow_pickle=False) as data:
+        out = {}
+        if "camera_labels" in data.files:
+            out["camera_labels"] = np.asarray(data["camera_labels"], np.float32)
+        if "face_found" in data.files:
+            out["face_found"] = np.asarray(data["face_found"]) > 0.5
+        if "yaw_pitch_roll_deg" in data.files:
+            out["yaw_pitch_roll_deg"] = np.asarray(data["yaw_pitch_roll_deg"], np.float32)
+    return out
 
 
 def template_expression_index(model) -> Dict[str, int]:

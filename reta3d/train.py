@@ -1,7 +1,8 @@
 """RETA3D training (Sec. 2.4): state, the pmap train steps, and the training loop.
 
 Phases, each ONE compiled `jax.pmap` function (no per-step recompilation):
-  g_step      generator: L_G = L_adv + λo·L_offset + λs·L_scale + λr·L_reg^{G_d} + λID·L_ID (Eq. 2)
+  g_step      generator: L_G = L_adv + λo·L_offset + λs·L_scale + λr·L_reg^{G_d} + λID·L_ID (Eq. 2);
+              L_ID's gradient reaches G_d only (Sec. 2.4; `generator_gradients`)
   d_step      discriminator: softplus(D(fake)) + softplus(−D(real))
   d_reg_step  discriminator R1 (γ), lazily every `r1_interval` steps, scaled by the interval
 Gradients are averaged over devices with `lax.pmean`. The D optimiser uses StyleGAN2's
@@ -232,21 +233,15 @@ def dropped_fraction(overflow, capacity: int):
     return overflow / (capacity + overflow)
 
 
-def generate_images(config, generator, g_vars, z, cameras, flame, rng, *, train: bool,
-                    static_images: bool = False, style_mixing_prob: float = 0.0,
-                    noise_mode: str = "random", cond_cameras=None):
-    """z (B,z_dim), cameras (B,25), FLAME dict → dict(images, [static_images], aux,
-    mapping_state, overflow (B,) int32 dropped tile intersections, the larger of the two renders).
+def synthesize_static(config, generator, g_vars, z, cameras, rng, *, train: bool,
+                      style_mixing_prob: float = 0.0, noise_mode: str = "random", cond_cameras=None):
+    """The static part of a training/sampling forward: mapping (conditioned on `cond_cameras`,
+    default `cameras`), style mixing, G, G_m and the blending ConvNet.
 
-    `cameras` are the rendering cameras; the mapping network is conditioned on `cond_cameras`
-    (default: the same), as EG3D's generator pose conditioning.
-
-    The same split as inference: generate_static (mapping, G, G_m, blending) once, then
-    animate (FLAME, G_d, binding); `static_images` also renders I_s (the static maps without
-    G_d) for L_ID.
+    z (B, z_dim), cameras (B, 25) → (StaticMaps, mapping_state: the updated w_avg when
+    `train`, else None). `rng` is the same key `generate_images` takes.
     """
     mix_key, z2_key, noise_key = jax.random.split(rng, 3)
-    flame = fit_flame(flame, generator.flame_model)
     cond = cameras if cond_cameras is None else cond_cameras
     mapping_state = None
     if train:
@@ -260,14 +255,112 @@ def generate_images(config, generator, g_vars, z, cameras, flame, rng, *, train:
         ws = stylegan2.apply_style_mixing(mix_key, ws, ws2, style_mixing_prob)
     static = generator.synthesize(g_vars, ws, noise_mode=noise_mode if train else "const",
                                   rng=noise_key)
+    return static, mapping_state
+
+
+def render_static_images(config, generator, g_vars, static, flame, cameras):
+    """I_s: the static maps decoded without G_d and rendered → (images (B,R,R,3) in [-1,1],
+    overflow (B,) int32). `flame` already fitted to the head model (`fit_flame`)."""
+    gaussians, _ = generator.animate(g_vars, static, flame, use_dynamic=False)
+    return render_images(config, gaussians, cameras)
+
+
+def generate_images(config, generator, g_vars, z, cameras, flame, rng, *, train: bool,
+                    static_images: bool = False, style_mixing_prob: float = 0.0,
+                    noise_mode: str = "random", cond_cameras=None):
+    """z (B,z_dim), cameras (B,25), FLAME dict → dict(images, [static_images], aux,
+    mapping_state, overflow (B,) int32 dropped tile intersections, the larger of the two renders).
+
+    `cameras` are the rendering cameras; the mapping network is conditioned on `cond_cameras`
+    (default: the same), as EG3D's generator pose conditioning.
+
+    The same split as inference: generate_static (mapping, G, G_m, blending) once, then
+    animate (FLAME, G_d, binding); `static_images` also renders I_s (the static maps without
+    G_d) for L_ID.
+    """
+    flame = fit_flame(flame, generator.flame_model)
+    static, mapping_state = synthesize_static(
+        config, generator, g_vars, z, cameras, rng, train=train,
+        style_mixing_prob=style_mixing_prob, noise_mode=noise_mode, cond_cameras=cond_cameras)
     gaussians, aux = generator.animate(g_vars, static, flame, use_dynamic=True)
     images, overflow = render_images(config, gaussians, cameras)
     out = {"images": images, "aux": aux, "mapping_state": mapping_state, "overflow": overflow}
     if static_images:
-        gaussians_s, _ = generator.animate(g_vars, static, flame, use_dynamic=False)
-        out["static_images"], overflow_s = render_images(config, gaussians_s, cameras)
+        out["static_images"], overflow_s = render_static_images(config, generator, g_vars, static,
+                                                                flame, cameras)
         out["overflow"] = jnp.maximum(overflow, overflow_s)
     return out
+
+
+def generator_gradients(config, generator, weights, d_logits_fn, vgg_features, g_vars, z,
+                        cameras, flame, rng, *, style_mixing_prob=0.0, noise_mode="random",
+                        cond_cameras=None):
+    """Eq. 2 and its gradient with respect to g_vars["params"], with L_ID reaching G_d only.
+
+    The paper introduces L_ID "specifically for the dynamic module" (Sec. 2.4): it keeps
+    I_d = render(F + ΔF) close to I_s = render(F) by training G_d; it must not also pull
+    G, G_m and the blending ConvNet (which I_d depends on through F) toward whatever
+    makes the two renders agree. A plain jax.grad of the sum cannot do that, because L_adv
+    and L_ID meet at the same image I_d. So the forward is taken as two VJPs, the static
+    part (mapping → F) and the dynamic part (G_d, decoding, render: (θ_d, F) → I_d), and the
+    dynamic part is pulled back twice: once with the cotangent of every term except L_ID
+    (to θ_d and to F, and on through the static part), once with λ_ID·∂L_ID/∂I_d (to θ_d
+    only). Cost: one more backward of the renderer and G_d, no extra forward render.
+    The result equals jax.grad of every term but L_ID, plus the gradient of λ_ID·L_ID
+    masked to params["dynamic"] (tests/test_train_reference.py checks exactly that).
+
+    z (B, z_dim), cameras (B, 25), flame: dict of (B, k). weights: losses.LossWeights.
+    d_logits_fn(images, cameras) → (B, 1) logits. vgg_features: needed when weights.identity > 0.
+    Returns (total scalar, terms dict of scalars, mapping_state, overflow (B,) int32, grads).
+    """
+    g_params = g_vars["params"]
+    use_id = weights.identity > 0
+    flame = fit_flame(flame, generator.flame_model)
+    # L_scale's target per Gaussian, (N, 1): the same γs the decoding uses.
+    gamma_s = jnp.exp(jnp.asarray(generator.head_binding.log_gamma_s))[:, None]
+
+    def static_part(params):
+        return synthesize_static(config, generator, dict(g_vars, params=params), z, cameras, rng,
+                                 train=True, style_mixing_prob=style_mixing_prob,
+                                 noise_mode=noise_mode, cond_cameras=cond_cameras)
+
+    def dynamic_part(dynamic_params, static):
+        variables = dict(g_vars, params=dict(g_params, dynamic=dynamic_params))
+        gaussians, aux = generator.animate(variables, static, flame, use_dynamic=True)
+        images, overflow = render_images(config, gaussians, cameras)
+        return (images, aux["offset_raw"], aux["scales"]), overflow
+
+    static, static_pullback, mapping_state = jax.vjp(static_part, g_params, has_aux=True)
+    outputs, dynamic_pullback, overflow = jax.vjp(dynamic_part, g_params["dynamic"], static,
+                                                  has_aux=True)
+
+    def render_terms(outputs):
+        images, offset_raw, scales = outputs
+        terms = {"adversarial": losses.generator_adversarial(d_logits_fn(images, cameras)),
+                 "offset": losses.offset_regularizer(offset_raw),
+                 "scale": losses.scale_regularizer(scales, gamma_s=gamma_s)}
+        return losses.generator_total(terms, weights), terms
+
+    (_, terms), cotangent = jax.value_and_grad(render_terms, has_aux=True)(outputs)
+    grad_dynamic, grad_static = dynamic_pullback(cotangent)
+    if use_id:
+        static_images, overflow_s = render_static_images(
+            config, generator, g_vars, jax.lax.stop_gradient(static), flame, cameras)
+        overflow = jnp.maximum(overflow, overflow_s)
+        identity, id_cotangent = jax.value_and_grad(
+            lambda images: losses.identity_loss(vgg_features, images, static_images))(outputs[0])
+        id_cotangent = (weights.identity * id_cotangent, jnp.zeros_like(outputs[1]),
+                        jnp.zeros_like(outputs[2]))
+        grad_dynamic_id, _ = dynamic_pullback(id_cotangent)   # the part to F is dropped
+        grad_dynamic = jax.tree_util.tree_map(jnp.add, grad_dynamic, grad_dynamic_id)
+        terms["identity"] = identity
+    terms["dynamic_weights"], grad_l2 = jax.value_and_grad(losses.weight_l2)(g_params["dynamic"])
+    (grads,) = static_pullback(grad_static)
+    grads = dict(grads, dynamic=jax.tree_util.tree_map(
+        lambda a, b, c: a + b + weights.dynamic_weights * c,
+        grads["dynamic"], grad_dynamic, grad_l2))
+    total = losses.generator_total(terms, weights)
+    return total, terms, mapping_state, overflow, grads
 
 
 # ------------------------------------------------------------------------------------------
@@ -297,8 +390,6 @@ def make_steps(config, generator, discriminator, vgg_features=None, devices=None
     noise_mode = config.train.noise_mode
     gpc_prob = float(config.train.gpc_reg_prob)
     capacity = render_capacity(config, generator.num_gaussians)
-    # L_scale's target per Gaussian, (N, 1): the same γs the decoding uses.
-    gamma_s = jnp.exp(jnp.asarray(generator.head_binding.log_gamma_s))[:, None]
 
     def d_logits(d_params, images, cameras):
         return discriminator.apply({"params": d_params}, images, cameras)
@@ -309,27 +400,10 @@ def make_steps(config, generator, discriminator, vgg_features=None, devices=None
         z = global_latents(z_key, cameras.shape[0], z_dim)
         cond = swap_conditioning(jax.random.fold_in(gen_key, 7), cameras, gpc_prob)
 
-        def loss_fn(g_params):
-            g_vars = dict(state.g_vars, params=g_params)
-            out = generate_images(config, generator, g_vars, z, cameras, flame, gen_key,
-                                  train=True, static_images=use_id, style_mixing_prob=mixing,
-                                  noise_mode=noise_mode, cond_cameras=cond)
-            aux = out["aux"]
-            terms = {
-                "adversarial": losses.generator_adversarial(
-                    d_logits(state.d_vars["params"], out["images"], cameras)),
-                "offset": losses.offset_regularizer(aux["offset_raw"]),
-                "scale": losses.scale_regularizer(aux["scales"], gamma_s=gamma_s),
-                "dynamic_weights": losses.weight_l2(g_params["dynamic"]),
-            }
-            if use_id:
-                terms["identity"] = losses.identity_loss(vgg_features, out["images"],
-                                                         out["static_images"])
-            total = losses.generator_total(terms, weights)
-            return total, (terms, out["mapping_state"], out["overflow"])
-
-        (total, (terms, mapping_state, overflow)), grads = jax.value_and_grad(
-            loss_fn, has_aux=True)(state.g_vars["params"])
+        total, terms, mapping_state, overflow, grads = generator_gradients(
+            config, generator, weights, functools.partial(d_logits, state.d_vars["params"]),
+            vgg_features, state.g_vars, z, cameras, flame, gen_key, style_mixing_prob=mixing,
+            noise_mode=noise_mode, cond_cameras=cond)
         grads = jax.lax.pmean(grads, "batch")
         mapping_state = jax.lax.pmean(mapping_state, "batch")
         updates, g_opt = g_tx.update(grads, state.g_opt, state.g_vars["params"])

@@ -104,3 +104,24 @@ def test_neutral_flame(model):
     np.testing.assert_array_equal(params["jaw_pose"][0], np.float32([0.2, 0.0, 0.0]))
     with pytest.raises(ValueError, match="expression coefficients given"):
         sequences.neutral_flame(model, expression=np.ones(model.num_expression + 1))
+
+
+def test_tracking_extras_are_validated_and_read(tmp_path):
+    """track_video.py's extras (camera_labels (T, 25), face_found (T,)) ride along in the
+    sequence file: animate.py still reads it, `load_tracking` returns them, and a wrong shape
+    is an error naming the array."""
+    from reta3d import flame as flame_lib
+    model = flame_lib.load()
+    labels = np.tile(np.arange(25, dtype=np.float32), (4, 1))
+    path = tmp_path / "tracked.npz"
+    np.savez(path, expression=np.zeros((4, 3)), camera_labels=labels,
+             face_found=np.array([1, 0, 1, 1]))
+    sequence, _ = sequences.get_sequence(str(path), model)
+    assert sequence["expression"].shape == (4, model.num_expression)
+    extras = sequences.load_tracking(path)
+    np.testing.assert_array_equal(extras["camera_labels"], labels)
+    np.testing.assert_array_equal(extras["face_found"], [True, False, True, True])
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, expression=np.zeros((4, 3)), camera_labels=labels[:3])
+    with pytest.raises(ValueError, match="camera_labels"):
+        sequences.get_sequence(str(bad), model)

@@ -236,7 +236,10 @@ def iteration():
     z_g, key_g = step_keys(state, 0, bsz, z_dim)
     g_grads, g_terms = ref["g_gradients"](state.g_vars, state.d_vars["params"], z_g, batch, key_g)
     rest, ident = (_leaves(g_grads[k]) for k in ("rest", "identity"))
-    g_total = [r + LAMBDA_ID * i for r, i in zip(rest, ident)]
+    # L_ID trains the dynamic module only (Sec. 2.4): its gradient is kept on G_d's leaves.
+    dynamic = _dynamic_mask(state.g_vars["params"])
+    g_total = [r + LAMBDA_ID * i * d for r, i, d in zip(rest, ident, dynamic)]
+    g_total_unmasked = [r + LAMBDA_ID * i for r, i in zip(rest, ident)]
     g_nu0 = _second_moments(g_total, seed=1)
     g_params0 = _leaves(state.g_vars["params"])
     o = config.optim
@@ -245,6 +248,9 @@ def iteration():
     # With L_ID's two images exchanged its gradient would flow through I_s only, which does
     # not depend on G_d: G_d's update would then be the one without L_ID.
     g_new_no_id, _, _ = adam_reference(g_params0, rest, ADAM_COUNT, g_nu0, o.g_lr, o.b2, o.eps)
+    # L_ID's gradient left on every leaf (through I_d it also reaches G, G_m and blending).
+    g_new_unmasked, _, _ = adam_reference(g_params0, g_total_unmasked, ADAM_COUNT, g_nu0,
+                                          o.g_lr, o.b2, o.eps)
     ema0 = _leaves(state.g_ema["params"])
     ema_new = [EMA_BETA * e + (1 - EMA_BETA) * p for e, p in zip(ema0, g_new)]
     g_vars_new = dict(state.g_vars, params=_unflatten(state.g_vars["params"],
@@ -284,7 +290,7 @@ def iteration():
         config=config, start=state, out=out_state, metrics=metrics, batch=batch, fake=fake,
         ref=ref, g_terms={k: v for k, v in g_terms.items() if k != "mapping_state"},
         g_mapping_state=g_terms["mapping_state"], g_params0=g_params0, g_new=g_new,
-        g_new_no_id=g_new_no_id, g_nu=g_nu, g_count=g_count, ema0=ema0, ema_new=ema_new,
+        g_new_no_id=g_new_no_id, g_new_unmasked=g_new_unmasked, g_nu=g_nu, g_count=g_count, ema0=ema0, ema_new=ema_new,
         d_params0=d_params0, d_mid=d_mid, d_new=d_new, d_nu=d_nu, d_count=d_count,
         d_loss=float(d_loss), r1_loss=float(r1_loss), identity_grad=ident, d_lr=d_lr)
 
@@ -413,13 +419,21 @@ def test_identity_loss_gradient_reaches_dynamic_module():
         error_right, error_wrong)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "The paper introduces L_ID 'specifically for the dynamic module' (Sec. 2.4), but "
-    "reta3d/losses.py identity_loss stops the gradient only through I_s, so L_ID's gradient "
-    "also reaches G, G_m and the blending ConvNet through I_d = render(F + ΔF) (its docstring "
-    "says so on purpose). Design question reported to the lead."))
 def test_identity_loss_gradient_does_not_reach_static_generator():
+    """The paper introduces L_ID "specifically for the dynamic module" (Sec. 2.4). Through
+    I_d = render(F + ΔF) a plain gradient of L_ID also reaches G, G_m and the blending
+    ConvNet (the reference's unmasked gradient shows it does, by far more than the
+    tolerance); the step must leave those out: its static parameters match the update
+    without L_ID's static part and are far from the one with it."""
     it = iteration()
     static = [not d for d in _dynamic_mask(it["start"].g_vars["params"])]
     largest = max(np.abs(g).max() for g, s in zip(it["identity_grad"], static) if s)
-    assert largest == 0.0, f"L_ID's gradient reaches the static generator (max |g| {largest:.3g})"
+    assert largest > 1e-4, "the check has no power: L_ID does not depend on F here"
+    lr = it["config"].optim.g_lr
+    out = [p for p, s in zip(_leaves(it["out"].g_vars["params"]), static) if s]
+    right = [p for p, s in zip(it["g_new"], static) if s]
+    wrong = [p for p, s in zip(it["g_new_unmasked"], static) if s]
+    error_right = max(np.abs(a - b).max() for a, b in zip(out, right))
+    error_wrong = max(np.abs(a - b).max() for a, b in zip(out, wrong))
+    assert error_right < NOISE_STRENGTH_FACTOR * TOLERANCE * lr, error_right
+    assert error_wrong > 4 * NOISE_STRENGTH_FACTOR * TOLERANCE * lr, error_wrong

@@ -70,7 +70,8 @@ HOW_TO_GET = (
     '[...], "global_pose": [3], "neck_pose": [3], "jaw_pose": [3], "eye_pose": [6]}], ...]}). '
     "For real FFHQ: crop and estimate cameras with EG3D's FFHQ preprocessing "
     "(github.com/NVlabs/eg3d, dataset_preprocessing/ffhq), fit FLAME with DECA or EMOCA; "
-    "see README 'Datasets'. For a synthetic dataset run experiments/make_synthetic_dataset.py."
+    "see README 'Datasets'. For a folder of your own photos run experiments/preprocess.py; "
+    "for a synthetic dataset run experiments/make_synthetic_dataset.py."
 )
 
 

@@ -1,0 +1,244 @@
+"""Real photos and videos in: the dataset preprocessor, video tracking and reenactment.
+
+Inputs are real photos shipped inside installed packages (scikit-image's astronaut,
+matplotlib's grace_hopper.jpg), loaded at test time; the video is made from grace_hopper by
+known in-plane rotations and zooms, with two blank frames.
+"""
+import json
+import pathlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("dlib", reason="face extras not installed: pip install -r requirements-faces.txt")
+
+from reta3d import flame, sequences, video  # noqa: E402
+from reta3d.data import folder as folder_lib  # noqa: E402
+from reta3d.fitting import embedding as embedding_lib  # noqa: E402
+from reta3d.fitting import preprocess, tracking  # noqa: E402
+
+NUM_FRAMES = 32
+BLANK = (10, 11)
+
+
+def grace_hopper() -> Image.Image:
+    import matplotlib.cbook as cbook
+    return Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).convert("RGB")
+
+
+def astronaut() -> np.ndarray:
+    import skimage.data
+    return skimage.data.astronaut()
+
+
+@pytest.fixture(scope="module")
+def head():
+    return flame.load(), embedding_lib.template_embedding()
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> pathlib.Path:
+    import skimage.data
+    folder = tmp_path_factory.mktemp("photos")
+    Image.fromarray(astronaut()).save(folder / "astronaut.png")
+    grace_hopper().save(folder / "nested_grace.jpg")
+    Image.fromarray(skimage.data.coffee()).save(folder / "coffee.png")
+    (folder / "broken.jpg").write_bytes(b"not a jpeg at all")
+    tiny = np.asarray(grace_hopper().resize((64, 80), Image.BILINEAR))
+    # A face far too small for a 512² crop (and too small for dlib: reported either way).
+    canvas = np.full((600, 600, 3), 200, np.uint8)
+    canvas[260:340, 268:332] = tiny
+    Image.fromarray(canvas).save(folder / "small_face.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def dataset(photos, head, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ds") / "dataset"
+    model, emb = head
+    # First run stops after two finished inputs (an interruption), the second resumes.
+    partial = preprocess.preprocess_folder(photos, out, 256, model=model, embedding=emb,
+                                           batch_size=2, overlays=True, num_steps=200,
+                                           progress=False, stop_after=2)
+    state_after_first = (out / preprocess.STATE_DIR / preprocess.STATE_FILE).read_text()
+    final = preprocess.preprocess_folder(photos, out, 256, model=model, embedding=emb,
+                                         batch_size=2, overlays=True, num_steps=200,
+                                         progress=False)
+    return out, partial, final, state_after_first
+
+
+def test_preprocess_writes_a_valid_dataset_with_a_report(dataset):
+    out, partial, final, _ = dataset
+    assert partial["finished"] == 2
+    summary = folder_lib.validate_folder(out, resolution=256)
+    assert summary.num_images == 2 == final["written"]
+    report = json.loads((out / preprocess.REPORT_FILE).read_text())
+    by_source = {f["source"]: f for f in report["files"]}
+    assert set(by_source) == {"astronaut.png", "nested_grace.jpg", "coffee.png", "broken.jpg",
+                              "small_face.png"}
+    assert by_source["broken.jpg"]["status"] == "skipped"
+    assert by_source["broken.jpg"]["reason"] == "unreadable"
+    assert "broken.jpg" in by_source["broken.jpg"]["detail"]
+    assert by_source["coffee.png"]["reason"] == "no face"
+    assert by_source["small_face.png"]["status"] == "skipped"
+    assert by_source["small_face.png"]["reason"] in ("face too small", "no face")
+    # The issue's bar: mean landmark reprojection error <= 6% of the inter-ocular distance.
+    for name in ("astronaut.png", "nested_grace.jpg"):
+        entry = by_source[name]
+        assert entry["status"] == "written"
+        assert entry["error_iod"] <= 0.06, (name, entry["error_iod"])
+        assert (out / entry["name"]).exists()
+        assert (out / preprocess.OVERLAY_DIR / (pathlib.Path(entry["name"]).stem + ".jpg")).exists()
+    # The crops are what the labels say: 256² RGB, and the labels are rigid cameras at
+    # about EG3D's distance 2.7 from the head.
+    labels = json.loads((out / folder_lib.LABELS_FILE).read_text())["labels"]
+    for name, label in labels:
+        assert Image.open(out / name).size == (256, 256)
+        cam2world = np.asarray(label[:16]).reshape(4, 4)
+        assert 2.0 < np.linalg.norm(cam2world[:3, 3]) < 3.4
+        np.testing.assert_allclose(label[16:], [4.2647, 0, 0.5, 0, 4.2647, 0.5, 0, 0, 1],
+                                   atol=1e-4)
+
+
+def test_preprocess_resume_keeps_what_was_written(dataset):
+    out, _, _, state_after_first = dataset
+    state = (out / preprocess.STATE_DIR / preprocess.STATE_FILE).read_text()
+    # The resumed run appended to the first run's lines and did not redo them.
+    assert state.startswith(state_after_first)
+    sources = [json.loads(line)["source"] for line in state.splitlines()]
+    assert len(sources) == len(set(sources)) == 5
+
+
+def test_preprocess_mirrored_photo_mirrors_yaw_and_roll(head, tmp_path):
+    """Known answer from a real photo: its mirror image must give the opposite yaw and roll
+    (and the same pitch), within 2°."""
+    model, emb = head
+    folder = tmp_path / "in"
+    folder.mkdir()
+    photo = astronaut()
+    Image.fromarray(photo).save(folder / "a.png")
+    Image.fromarray(photo[:, ::-1]).save(folder / "b.png")
+    preprocess.preprocess_folder(folder, tmp_path / "out", 256, model=model, embedding=emb,
+                                 batch_size=2, num_steps=200, progress=False)
+    files = json.loads((tmp_path / "out" / preprocess.REPORT_FILE).read_text())["files"]
+    a, b = (np.asarray(f["yaw_pitch_roll_deg"]) for f in files)
+    yaw_sum, pitch_difference, roll_sum = a[0] + b[0], a[1] - b[1], a[2] + b[2]
+    assert max(abs(yaw_sum), abs(pitch_difference), abs(roll_sum)) < 2.0, (a, b)
+
+
+def test_preprocess_errors_name_the_problem(head, tmp_path):
+    model, emb = head
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty"):
+        preprocess.preprocess_folder(tmp_path / "empty", tmp_path / "o", model=model,
+                                     embedding=emb, progress=False)
+    with pytest.raises((ValueError, FileNotFoundError), match="missing"):
+        preprocess.preprocess_folder(tmp_path / "missing", tmp_path / "o", model=model,
+                                     embedding=emb, progress=False)
+
+
+# ------------------------------------------------------------------------------ video
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    """A 32-frame clip: grace_hopper turned by known in-plane angles (±12°) and zoomed (±12%),
+    frames 10 and 11 blank grey (no face)."""
+    photo = grace_hopper()
+    width, height = photo.size
+    t = np.arange(NUM_FRAMES)
+    angles = 12.0 * np.sin(2 * np.pi * t / NUM_FRAMES)
+    zooms = 1 + 0.12 * np.sin(4 * np.pi * t / NUM_FRAMES)
+    centre = (width * 0.5, height * 0.4)
+    frames = []
+    for i in range(NUM_FRAMES):
+        turned = photo.rotate(angles[i], resample=Image.BICUBIC, center=centre)
+        side = 400 / zooms[i]
+        box = (centre[0] - side / 2, centre[1] - side / 2, centre[0] + side / 2,
+               centre[1] + side / 2)
+        frame = np.asarray(turned.resize((256, 256), Image.BICUBIC, box=box))
+        frames.append(np.full_like(frame, 128) if i in BLANK else frame)
+    path = tmp_path_factory.mktemp("clip") / "clip.mp4"
+    video.write_video(path, np.stack(frames), 25)
+    return path, angles
+
+
+@pytest.fixture(scope="module")
+def tracked(clip, head):
+    path, _ = clip
+    model, emb = head
+    return tracking.track_video(path, model, emb, progress=False)
+
+
+def test_tracked_roll_follows_the_known_angle(clip, tracked):
+    """The issue's bar: the tracked roll follows the known in-plane angle within 3° (the
+    head turns counter-clockwise on screen as the roll grows); yaw and pitch stay put."""
+    _, angles = clip
+    roll = tracked.yaw_pitch_roll_deg[:, 2]
+    found = tracked.face_found
+    # The photo's own head roll is unknown: the offset is estimated (median over the frames).
+    relative = roll - np.median(roll[found] - angles[found])
+    error = np.abs(relative - angles)
+    assert error[found].max() < 3.0, np.round(relative - angles, 1)
+    # The blank frames are interpolated between their neighbours, not made up.
+    assert not found[list(BLANK)].any() and found.sum() >= NUM_FRAMES - 4
+    assert error.max() < 3.0
+    yaw_pitch = tracked.yaw_pitch_roll_deg[:, :2]
+    assert np.ptp(yaw_pitch, axis=0).max() < 12.0
+    assert np.nanmean(tracked.error_iod) < 0.06
+
+
+def test_tracked_sequence_file_drives_animate(tracked, head, tmp_path):
+    model, _ = head
+    path = tracked.save(tmp_path / "seq.npz")
+    sequence, fps = sequences.get_sequence(str(path), model)
+    assert fps == pytest.approx(25.0)
+    assert sequence["expression"].shape == (NUM_FRAMES, model.num_expression)
+    np.testing.assert_allclose(sequence["global_pose"], tracked.sequence["global_pose"])
+    extras = sequences.load_tracking(path)
+    np.testing.assert_array_equal(extras["face_found"], tracked.face_found)
+    assert extras["camera_labels"].shape == (NUM_FRAMES, 25)
+    # The two pose descriptions agree: the landmarks of the posed head (global_pose, frontal
+    # canonical camera) and of the rest head seen by camera_labels differ by a shift and a
+    # scale of the image only (the camera labels keep the head's translation, global_pose
+    # does not), never by a rotation.
+    from reta3d.fitting import fit as fit_lib
+    from reta3d.fitting.embedding import landmarks_3d
+    i = 5
+    kwargs = {k: sequence[k][i:i + 1] for k in ("expression", "jaw_pose", "neck_pose")}
+    kwargs["shape"] = tracked.sequence["shape"][None]
+    posed = model.forward(global_pose=sequence["global_pose"][i:i + 1], **kwargs)
+    rest = model.forward(**kwargs)
+    emb = head[1]
+    a = np.asarray(fit_lib.project(model.to_world(landmarks_3d(posed, model.faces, emb)),
+                                   fit_lib.canonical_label()[None], 512))[0]
+    b = np.asarray(fit_lib.project(model.to_world(landmarks_3d(rest, model.faces, emb)),
+                                   extras["camera_labels"][i:i + 1], 512))[0]
+    a, b = a - a.mean(0), b - b.mean(0)
+    a, b = a / np.sqrt((a ** 2).mean()), b / np.sqrt((b ** 2).mean())
+    # (perspective: a head off the optical axis is seen a little from the side, ~0.05)
+    assert np.abs(a - b).max() < 0.07, np.abs(a - b).max()
+    # ... and a rotation would show: the same comparison with frame 0's camera fails.
+    c = np.asarray(fit_lib.project(model.to_world(landmarks_3d(rest, model.faces, emb)),
+                                   extras["camera_labels"][20:21], 512))[0]
+    c = c - c.mean(0)
+    c = c / np.sqrt((c ** 2).mean())
+    assert np.abs(a - c).max() > 0.2, np.abs(a - c).max()
+
+
+def test_reenactment_writes_one_frame_per_input_frame(clip, tracked, tmp_path):
+    from reta3d import inference, reenactment
+    path, _ = clip
+    config, generator, g_vars = inference.load_generator(
+        config=str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo.py"),
+        random_init=True, seed=0)
+    out = tmp_path / "reenact.mp4"
+    summary = reenactment.reenact_video(config, generator, g_vars, path, [0, 1], out,
+                                        tracking=tracked, resolution=32)
+    frames = video.read_video(out)
+    assert frames.shape == (NUM_FRAMES, 32, 3 * 32, 3)
+    assert summary["frames"] == NUM_FRAMES and summary["identities"] == 2
+    assert pathlib.Path(summary["sequence"]).exists()
+    # The left panel is the driving face: blank frames stay blank grey, the others do not.
+    left = frames[:, :, :32].astype(np.float64)
+    assert np.abs(left[BLANK[0]] - 128).mean() < 6
+    assert left[0].std() > 20
