@@ -33,6 +33,13 @@ flags.DEFINE_integer("batch", 16, "Images rendered per call.")
 flags.DEFINE_enum("id_alignment", "detected", ["detected", "model"],
                   "ID: align the faces dlib finds, or the head model's own projected landmarks.")
 flags.DEFINE_integer("seed", 0, "Seed of latents and conditions.")
+flags.DEFINE_string("aed_export", None,
+                    "AED/APD: write the images and driving parameters to this folder for another "
+                    "estimator (e.g. DECA) instead of estimating.")
+flags.DEFINE_string("aed_estimates", None,
+                    "AED/APD: that estimator's results (.npz: expression (N, E), pose (N, 6), "
+                    "optional found (N,)), compared instead of this project's fitter.")
+cli.define_landmark_flags()
 flags.DEFINE_string("name", None, "Row name in the table (default: the workdir).")
 flags.DEFINE_string("out", None, "Output folder (default: WORKDIR/eval).")
 
@@ -46,12 +53,16 @@ def main(argv):
     if out is None:
         raise app.UsageError("--out is required with --random_init")
     source = train.prepare_data(config)
+    embedding = None
+    if FLAGS.landmark_embedding:
+        _, embedding = cli.load_head_and_landmarks(model=generator.flame_model)
     report = evaluate.evaluate(
         config, generator, g_vars, source, out, metrics=FLAGS.metrics,
         num_images=FLAGS.num_images, num_identities=FLAGS.num_identities,
         sets_per_identity=FLAGS.sets_per_identity, inception=FLAGS.inception,
         arcface=FLAGS.arcface, face_resolution=FLAGS.face_resolution, batch=FLAGS.batch,
-        seed=FLAGS.seed, id_alignment=FLAGS.id_alignment, model_name=FLAGS.name or str(FLAGS.workdir or "random init"))
+        seed=FLAGS.seed, id_alignment=FLAGS.id_alignment, landmark_embedding=embedding,
+        aed_export=FLAGS.aed_export, aed_estimates=FLAGS.aed_estimates, model_name=FLAGS.name or str(FLAGS.workdir or "random init"))
     print(evaluate.markdown_table(report))
     cli.print_json(report["metrics"])
 

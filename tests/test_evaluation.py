@@ -147,3 +147,29 @@ def test_evaluate_job_runs_fid_kid_swd_and_resumes(tmp_path, monkeypatch):
     again = evaluate.evaluate(config, generator, g_vars, source, out, metrics=("fid",),
                               num_images=12, inception="stand-in", batch=4, progress=False)
     assert again["metrics"]["fid"] == pytest.approx(m["fid"])
+    monkeypatch.undo()
+    # AED/APD through another estimator: export the images and driving parameters, read that
+    # estimator's answers back. Perfect answers score 0; wrong ones do not; a bad file is an
+    # error naming it.
+    export = tmp_path / "aed_images"
+    evaluate.evaluate(config, generator, g_vars, source, out, metrics=("aed", "apd"),
+                      num_identities=2, sets_per_identity=2, face_resolution=64,
+                      aed_export=export, batch=4, progress=False)
+    assert len(list((export / "images").glob("*.png"))) == 4
+    with np.load(export / "driving.npz") as driving:
+        expression, pose = driving["expression"], driving["pose"]
+    np.savez(tmp_path / "perfect.npz", expression=expression, pose=pose)
+    perfect = evaluate.evaluate(config, generator, g_vars, source, out, metrics=("aed", "apd"),
+                                num_identities=2, sets_per_identity=2, face_resolution=64,
+                                aed_estimates=tmp_path / "perfect.npz", batch=4, progress=False)
+    assert perfect["metrics"]["aed"] == 0.0 and perfect["metrics"]["apd"] == 0.0
+    np.savez(tmp_path / "off.npz", expression=expression + 0.5, pose=pose, found=[1, 1, 0, 1])
+    off = evaluate.evaluate(config, generator, g_vars, source, out, metrics=("aed",),
+                            num_identities=2, sets_per_identity=2, face_resolution=64,
+                            aed_estimates=tmp_path / "off.npz", batch=4, progress=False)
+    assert off["metrics"]["aed"] == pytest.approx(0.5) and off["metrics"]["estimated"] == 3
+    np.savez(tmp_path / "bad.npz", expression=expression)
+    with pytest.raises(ValueError, match="bad.npz"):
+        evaluate.evaluate(config, generator, g_vars, source, out, metrics=("aed",),
+                          num_identities=2, sets_per_identity=2, face_resolution=64,
+                          aed_estimates=tmp_path / "bad.npz", batch=4, progress=False)

@@ -84,14 +84,19 @@ def evaluate(config, generator, g_vars, source, out, *, metrics: Sequence[str] =
              inception: Optional[str] = None, arcface: Optional[str] = None,
              face_resolution: int = 256, batch: int = 16, seed: int = 0,
              model_name: str = "this run", progress: bool = True,
-             estimator_floor: bool = True, id_alignment: str = "detected") -> Dict[str, Any]:
+             estimator_floor: bool = True, id_alignment: str = "detected",
+             landmark_embedding=None, aed_export=None, aed_estimates=None) -> Dict[str, Any]:
     """Computes `metrics` (subset of METRICS) for (generator, g_vars) against `source` (the
     dataset: records with image, camera and FLAME keys) and writes OUT/metrics.json and
     OUT/metrics.md. num_images: generated images for FID/KID (EG3D: 50,000). num_identities /
     sets_per_identity: the ID and AED/APD protocols (paper: 500 / 20). inception / arcface:
     weight files (.pth or converted .npz). id_alignment: "detected" (the face embeddings align
     the faces dlib finds, as the papers' pipelines do) or "model" (they align the head model's
-    own landmarks projected by the known camera: works on heads a detector does not find). Returns {"metrics": {...}, "skipped": {...},
+    own landmarks projected by the known camera: works on heads a detector does not find).
+    landmark_embedding: the AED/APD estimator's embedding for a real FLAME generator.
+    aed_export: a folder: write the AED/APD images and their driving parameters there instead
+    of estimating (to run another estimator, e.g. DECA, on them); aed_estimates: an .npz of
+    that estimator's results (`load_estimates`), compared instead of this project's fitter. Returns {"metrics": {...}, "skipped": {...},
     "settings": {...}}."""
     from reta3d.fitting.preprocess import Progress
     out = pathlib.Path(out)
@@ -218,20 +223,30 @@ def evaluate(config, generator, g_vars, source, out, *, metrics: Sequence[str] =
     # ---------------------------------------------------------------- AED / APD
     if {"aed", "apd"} & set(metrics):
         start_time = time.perf_counter()
-        from reta3d.fitting import embedding as embedding_lib
         model = generator.flame_model
-        if model.name != "template_head":
+        num_expression = min(model.num_expression, 50)
+        total = num_identities * sets_per_identity
+        z = np.repeat(protocol.latents(num_identities, config.model.z_dim, seed + 10),
+                      sets_per_identity, axis=0)
+        conditions = protocol.draw_conditions(source, total, seed + 11)
+        drive_expression, drive_pose = protocol.driving_parameters(conditions, num_expression)
+        render = _render_fn(config, generator, face_resolution)
+        estimated = None
+        if aed_export is not None:
+            export_aed_images(aed_export, render, g_vars, z, conditions, drive_expression,
+                              drive_pose, batch, progress)
+            results["aed_export"] = str(aed_export)
+        elif aed_estimates is not None:
+            estimated = load_estimates(aed_estimates, total, num_expression)
+            results["aed_estimator"] = f"estimates from {aed_estimates}"
+        elif landmark_embedding is None and model.name != "template_head":
             skipped["aed"] = skipped["apd"] = (
-                "AED/APD with a real FLAME model need its landmark embedding; "
-                "pass --landmark_embedding (not wired in this run)")
+                "AED/APD with a real FLAME model need its landmark embedding "
+                "(--landmark_embedding), or estimates from another estimator (--aed_export, "
+                "then --aed_estimates)")
         else:
-            emb_model = embedding_lib.template_embedding()
-            num_expression = min(model.num_expression, 50)
-            render = _render_fn(config, generator, face_resolution)
-            total = num_identities * sets_per_identity
-            z = np.repeat(protocol.latents(num_identities, config.model.z_dim, seed + 10),
-                          sets_per_identity, axis=0)
-            conditions = protocol.draw_conditions(source, total, seed + 11)
+            from reta3d.fitting import embedding as embedding_lib
+            emb_model = landmark_embedding or embedding_lib.template_embedding()
             cache = protocol.ChunkCache(cache_root / f"aed_{face_resolution}",
                                         {"weights": weights_key, "total": total, "seed": seed})
             bar = Progress(total, "AED/APD") if progress else None
@@ -241,15 +256,16 @@ def evaluate(config, generator, g_vars, source, out, *, metrics: Sequence[str] =
                 est = protocol.estimate_parameters(images, model, emb_model, num_expression)
                 return {"expression": est.expression, "pose": est.pose, "found": est.found}
             est = protocol.chunked(total, 50, cache, compute, bar)
-            drive_expression, drive_pose = protocol.driving_parameters(conditions, num_expression)
-            summary = protocol.summarize_animation_accuracy(
-                drive_expression, drive_pose,
-                protocol.Estimates(est["expression"], est["pose"], est["found"]))
-            results.update(summary)
-            results["aed"], results["apd"] = summary["aed_rmse"], summary["apd_rmse"]
-            if estimator_floor:
+            estimated = protocol.Estimates(est["expression"], est["pose"], est["found"])
+            results["aed_estimator"] = "this project's landmark fitter (dlib 68 points + FLAME fit)"
+            if estimator_floor and model.name == "template_head":
                 results["estimator_floor"] = estimator_floor_on_synthetic(
                     model, emb_model, num_expression, face_resolution, seed=seed)
+        if estimated is not None:
+            summary = protocol.summarize_animation_accuracy(drive_expression, drive_pose,
+                                                            estimated)
+            results.update(summary)
+            results["aed"], results["apd"] = summary["aed_rmse"], summary["apd_rmse"]
         timing["aed_apd_s"] = time.perf_counter() - start_time
 
     # ---------------------------------------------------------------- SWD
@@ -272,6 +288,62 @@ def evaluate(config, generator, g_vars, source, out, *, metrics: Sequence[str] =
     _atomic_write(out / "metrics.json", json.dumps(report, indent=2, allow_nan=True))
     _atomic_write(out / "metrics.md", markdown_table(report))
     return report
+
+
+def export_aed_images(folder, render, g_vars, z, conditions, drive_expression, drive_pose,
+                      batch: int, progress: bool) -> None:
+    """Writes the AED/APD images (FOLDER/images/000000.png, …) and FOLDER/driving.npz
+    (expression (N, E), pose (N, 6): head rotation relative to the camera from the frontal pose
+    as axis-angle, then jaw axis-angle; camera (N, 25)) for an outside estimator. Its results
+    come back through `load_estimates` (same row order)."""
+    from PIL import Image
+
+    from reta3d.fitting.preprocess import Progress
+    folder = pathlib.Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    total = len(z)
+    bar = Progress(total, "AED/APD images") if progress else None
+    for start in range(0, total, 50):
+        stop = min(start + 50, total)
+        if not all((folder / "images" / f"{i:06d}.png").exists() for i in range(start, stop)):
+            images = _generate(render, g_vars, z, conditions, start, stop, batch)
+            for i, image in zip(range(start, stop), images):
+                path = folder / "images" / f"{i:06d}.png"
+                tmp = path.with_name(f".{path.name}.tmp.png")
+                Image.fromarray(image).save(tmp)
+                os.replace(tmp, path)
+        if bar:
+            bar.update(stop)
+    tmp = folder / ".driving.tmp.npz"
+    np.savez(tmp, expression=drive_expression, pose=drive_pose, camera=conditions["camera"])
+    os.replace(tmp, folder / "driving.npz")
+
+
+def load_estimates(path, total: int, num_expression: int) -> "protocol.Estimates":
+    """An outside estimator's results for the exported AED/APD images: an .npz with
+    expression (N, >= E) and pose (N, 6) (`export_aed_images`' layout), optional found (N,)
+    (rows with found = 0 or any NaN are left out). Raises ValueError naming the file."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"AED/APD estimates not found: {path}")
+    with np.load(path, allow_pickle=False) as data:
+        missing = {"expression", "pose"} - set(data.files)
+        if missing:
+            raise ValueError(f"{path}: missing array(s) {sorted(missing)}; expected expression "
+                             "(N, E), pose (N, 6) and optionally found (N,)")
+        expression = np.asarray(data["expression"], np.float64)
+        pose = np.asarray(data["pose"], np.float64)
+        found = np.asarray(data["found"]).astype(bool) if "found" in data.files else None
+    if expression.ndim != 2 or expression.shape[0] != total or pose.shape != (total, 6):
+        raise ValueError(f"{path}: expected expression ({total}, E) and pose ({total}, 6) for the "
+                         f"{total} exported images, got {expression.shape} and {pose.shape}")
+    out = np.zeros((total, num_expression))
+    e = min(num_expression, expression.shape[1])
+    out[:, :e] = expression[:, :e]
+    ok = np.isfinite(out).all(1) & np.isfinite(pose).all(1)
+    if found is not None:
+        ok &= found
+    return protocol.Estimates(out, pose, ok)
 
 
 def estimator_floor_on_synthetic(model, embedding, num_expression: int, resolution: int,
@@ -334,11 +406,13 @@ def markdown_table(report: Dict[str, Any]) -> str:
         notes.append(f"AED/APD: RMSE (Next3D's convention) {_fmt(m['aed_rmse'])} / "
                      f"{_fmt(m['apd_rmse'])}; mean L1 (3DFaceShop/OTAvatar) {_fmt(m['aed_l1'])} / "
                      f"{_fmt(m['apd_l1'])}; {m['estimated']} of {m['images']} images estimated "
-                     "by this project's landmark fitter (dlib 68 points + FLAME fit).")
+                     f"by {m.get('aed_estimator', 'the estimator')}.")
         floor = m.get("estimator_floor")
         if floor:
             notes.append(f"The estimator's own error on synthetic renders with known parameters: "
-                         f"AED {_fmt(floor['aed_rmse'])}, APD {_fmt(floor['apd_rmse'])} (RMSE).")
+                         f"AED {_fmt(floor['aed_rmse'])} (answering 'neutral' every time: "
+                         f"{_fmt(floor['aed_rmse_zero_guess'])}), APD {_fmt(floor['apd_rmse'])} "
+                         "(RMSE).")
     if "id_metric" in m:
         notes.append(f"ID: {m['id_metric']} over {m['id_pairs']} of {m['id_pairs_requested']} "
                      "identity pairs.")

@@ -233,5 +233,9 @@ def summarize_animation_accuracy(driving_expression, driving_pose, estimates: Es
     valid = estimates.found
     aed = distances(driving_expression, estimates.expression, valid)
     apd = distances(driving_pose, estimates.pose, valid)
+    # What an estimator that always answers "neutral" would score: the scale AED is read on.
+    zero = distances(driving_expression, np.zeros_like(driving_expression), valid)
     return {"aed_rmse": aed["rmse"], "aed_l1": aed["l1"], "apd_rmse": apd["rmse"],
-            "apd_l1": apd["l1"], "estimated": int(valid.sum()), "images": int(valid.size)}
+            "apd_l1": apd["l1"], "aed_rmse_zero_guess": zero["rmse"],
+            "aed_l1_zero_guess": zero["l1"], "estimated": int(valid.sum()),
+            "images": int(valid.size)}
