@@ -8,6 +8,8 @@ the texel binding and the rasterizer. Several identities (--seeds) are rendered 
   python experiments/animate.py --config=configs/demo.py --random_init \\
       --flame_sequence=my_sequence.npz --frames=240 --seeds=0-2 --camera=orbit --out=out/a.gif
   python experiments/animate.py --workdir=runs/ffhq512 --flame_sequence=builtin:blink --realtime
+  # an inverted photo (experiments/invert.py) instead of seeds, with its own fitted head shape
+  python experiments/animate.py --workdir=runs/demo --identity=out/me/identity.npz --out=out/me.mp4
 
 --flame_sequence: `builtin:talk`, `builtin:blink`, `builtin:nod`, `builtin:smile` (procedural;
 --frames sets their length, default 120 at 30 fps), or an `.npz` with per-frame arrays
@@ -46,6 +48,8 @@ flags.DEFINE_float("fps", None, "Video frame rate (default: the sequence's fps, 
 flags.DEFINE_string("expression_components", None,
                     "Name FLAME expression components for the builtins, e.g. smile=1,blink=7.")
 flags.DEFINE_string("out", "out/animation.mp4", "Output video (.mp4 or .gif).")
+flags.DEFINE_string("identity", None, "An inverted identity (experiments/invert.py's "
+                                      "OUT/identity.npz) instead of --seed/--seeds.")
 
 
 def main(argv):
@@ -57,11 +61,21 @@ def main(argv):
     config, generator, g_vars = cli.load_generator_from_flags()
     if names is not None:
         names = {**sequences.template_expression_index(generator.flame_model), **names}
+    static = shape = None
+    if FLAGS.identity is not None:
+        from reta3d import inversion
+        if FLAGS.seed is not None or FLAGS["seeds"].present or FLAGS.psi != 1.0:
+            raise app.UsageError("--identity replaces --seed / --seeds (and --psi)")
+        try:
+            g_vars, static = inversion.load_identity(FLAGS.identity, generator, g_vars)
+            shape = inversion.read_identity(FLAGS.identity).shape
+        except (FileNotFoundError, ValueError) as e:
+            raise app.UsageError(str(e)) from e
     timing = inference.animate_to_video(
         config, generator, g_vars, seeds, FLAGS.flame_sequence, FLAGS.out,
         num_frames=FLAGS.frames, camera=FLAGS.camera, realtime=FLAGS.realtime,
         truncation_psi=FLAGS.psi, fps=FLAGS.fps, expression_index=names,
-        **cli.render_options())
+        static=static, shape=shape, identity=FLAGS.identity, **cli.render_options())
     summary = {k: v for k, v in timing.items() if k != "frame_ms"}
     summary["timing_json"] = str(video.timing_path(FLAGS.out))
     cli.print_json(summary)

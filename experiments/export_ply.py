@@ -16,6 +16,9 @@ upside down (turn it 180° about x); one whose first camera is on −z shows the
   python experiments/export_ply.py --workdir=runs/demo --seed=3 --out=out/seed3.ply
   python experiments/export_ply.py --workdir=runs/demo --flame_sequence=builtin:talk --frame=20
   python experiments/export_ply.py --config=configs/ffhq512.py --random_init --sh_degree=3
+  # an inverted photo (experiments/invert.py), with its own fitted head shape
+  python experiments/export_ply.py --workdir=runs/demo --identity=out/me/identity.npz \\
+      --out=out/me.ply
 """
 import pathlib
 import sys
@@ -37,6 +40,8 @@ flags.DEFINE_float("jaw", 0.0, "Neutral export: jaw opening angle (radians).")
 flags.DEFINE_bool("use_dynamic", True, "Apply G_d (False: the static maps only).")
 flags.DEFINE_integer("sh_degree", 0, "SH degree of the file: 0, or 3 (zero f_rest, for SIBR).")
 flags.DEFINE_string("out", "out/head.ply", "Output .ply.")
+flags.DEFINE_string("identity", None, "An inverted identity (experiments/invert.py's "
+                                      "OUT/identity.npz) instead of --seed.")
 
 
 def main(argv):
@@ -67,13 +72,24 @@ def main(argv):
         flame = sequences.neutral_flame(model, cli.parse_floats(FLAGS.expression, "--expression"),
                                         FLAGS.jaw)
         what = "neutral"
-    z = inference.latents_for_seeds([FLAGS.seed], config.model.z_dim)
-    static = inference.generate_static_maps(generator, g_vars, z,
-                                            cameras.conditioning_labels(config, 1), FLAGS.psi)
+    if FLAGS.identity is not None:
+        from reta3d import inversion
+        if FLAGS["seed"].present or FLAGS.psi != 1.0:
+            raise app.UsageError("--identity replaces --seed (and --psi)")
+        try:
+            g_vars, static = inversion.load_identity(FLAGS.identity, generator, g_vars)
+            flame = inversion.read_identity(FLAGS.identity).apply_shape(flame)
+        except (FileNotFoundError, ValueError) as e:
+            raise app.UsageError(str(e)) from e
+    else:
+        z = inference.latents_for_seeds([FLAGS.seed], config.model.z_dim)
+        static = inference.generate_static_maps(generator, g_vars, z,
+                                                cameras.conditioning_labels(config, 1), FLAGS.psi)
     gaussians, _ = generator.jit_animate(g_vars, static, flame, use_dynamic=FLAGS.use_dynamic)
     gaussians = jax.tree_util.tree_map(lambda x: np.asarray(x[0]), gaussians)
     path = ply.write_ply(FLAGS.out, gaussians, sh_degree=FLAGS.sh_degree)
-    cli.print_json({"ply": str(path), "seed": FLAGS.seed, "pose": what,
+    cli.print_json({"ply": str(path), "seed": None if FLAGS.identity else FLAGS.seed,
+                    "identity": FLAGS.identity, "pose": what,
                     "num_gaussians": int(gaussians.means.shape[0]),
                     "sh_degree": FLAGS.sh_degree, "bytes": path.stat().st_size,
                     "frame": "EG3D world: y up, face towards +z, frontal camera at (0, 0, 2.7)"})

@@ -10,9 +10,13 @@ The mapping network is conditioned on the frontal camera, as EG3D samples.
   python experiments/sample.py --config=configs/demo.py --random_init --seeds=0-3 --orbit_frames=0
   # overrides: expression coefficients and jaw opening (radians)
   python experiments/sample.py --workdir=runs/demo --expression=1.5,0,-1 --jaw=0.2
+  # an inverted photo (experiments/invert.py) instead of seeds
+  python experiments/sample.py --workdir=runs/demo --identity=out/me/identity.npz --out=out/me_views
 
 Writes OUT/grid.png (rows = seeds; columns = the yaw sweep at pitch 0, then the pitch sweep
-at yaw 0) and OUT/seedNNNN_orbit.mp4 (or .gif with --video_format=gif), and prints JSON with
+at yaw 0) and OUT/seedNNNN_orbit.mp4 (or .gif with --video_format=gif; with --identity: one
+row and OUT/identity_orbit.mp4, rendered with the identity's fitted FLAME shape), and prints
+JSON with
 "rasterizer_overflow" (tile intersections dropped beyond --capacity over every grid and orbit
 image; a warning line goes to stderr when any were).
 """
@@ -40,6 +44,8 @@ flags.DEFINE_string("expression", None, "Comma list of leading FLAME expression 
 flags.DEFINE_float("jaw", 0.0, "Jaw opening angle (radians, rotation about x).")
 flags.DEFINE_integer("chunk", 8, "Cameras rendered per call.")
 flags.DEFINE_string("out", "out/samples", "Output directory.")
+flags.DEFINE_string("identity", None, "An inverted identity (experiments/invert.py's "
+                                      "OUT/identity.npz) instead of --seeds.")
 
 
 def main(argv):
@@ -57,20 +63,35 @@ def main(argv):
         raise app.UsageError("--orbit_frames must be >= 0")
 
     config, generator, g_vars = cli.load_generator_from_flags()
+    flame = sequences.neutral_flame(generator.flame_model, expression, FLAGS.jaw)
+    identity_static = None
+    if FLAGS.identity is not None:
+        from reta3d import inversion
+        if FLAGS["seeds"].present or FLAGS.psi != 1.0 or FLAGS.truncation_cutoff is not None:
+            raise app.UsageError("--identity replaces --seeds (and --psi / --truncation_cutoff)")
+        try:
+            g_vars, identity_static = inversion.load_identity(FLAGS.identity, generator, g_vars)
+            flame = inversion.read_identity(FLAGS.identity).apply_shape(flame)
+        except (FileNotFoundError, ValueError) as e:
+            raise app.UsageError(str(e)) from e
+        seeds = [None]
     out_dir = pathlib.Path(FLAGS.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    flame = sequences.neutral_flame(generator.flame_model, expression, FLAGS.jaw)
     view_fn = inference.make_view_fn(config, generator, **cli.render_options())
     grid_labels = cameras.view_grid_labels(yaws, pitches)
     orbit_labels = cameras.orbit_labels(FLAGS.orbit_frames) if FLAGS.orbit_frames else None
-    z_all = inference.latents_for_seeds(seeds, config.model.z_dim)
+    z_all = None if identity_static is not None else inference.latents_for_seeds(
+        seeds, config.model.z_dim)
 
     rows, videos, timings, overflow = [], [], [], []
     for row, seed in enumerate(seeds):
         start = time.perf_counter()
-        static = inference.generate_static_maps(
-            generator, g_vars, z_all[row:row + 1], cameras.conditioning_labels(config, 1),
-            FLAGS.psi, FLAGS.truncation_cutoff)
+        if identity_static is not None:
+            static = identity_static
+        else:
+            static = inference.generate_static_maps(
+                generator, g_vars, z_all[row:row + 1], cameras.conditioning_labels(config, 1),
+                FLAGS.psi, FLAGS.truncation_cutoff)
         images, counts = inference.render_views(view_fn, g_vars, static, flame, grid_labels,
                                                 FLAGS.chunk)
         rows.append(images)
@@ -79,18 +100,21 @@ def main(argv):
             frames, counts = inference.render_views(view_fn, g_vars, static, flame,
                                                     orbit_labels, FLAGS.chunk)
             overflow.append(counts)
-            path = out_dir / f"seed{seed:04d}_orbit.{FLAGS.video_format}"
+            name = "identity" if seed is None else f"seed{seed:04d}"
+            path = out_dir / f"{name}_orbit.{FLAGS.video_format}"
             video.write_video(path, frames, FLAGS.fps)
             videos.append(str(path))
         timings.append(time.perf_counter() - start)
-        print(f"seed {seed}: {timings[-1]:.2f}s", flush=True)
+        print(f"{'identity' if seed is None else f'seed {seed}'}: {timings[-1]:.2f}s", flush=True)
 
     grid = video.image_grid(np.stack(rows))
     grid_path = out_dir / "grid.png"
     Image.fromarray(grid).save(grid_path)
     report = inference.overflow_report(np.concatenate(overflow), view_fn.capacity)
     cli.print_json({
-        "grid": str(grid_path), "videos": videos, "seeds": seeds, "psi": FLAGS.psi,
+        "grid": str(grid_path), "videos": videos,
+        "seeds": [] if identity_static is not None else seeds, "identity": FLAGS.identity,
+        "psi": FLAGS.psi,
         "views": grid_labels.shape[0], "resolution": int(rows[0].shape[1]),
         "num_gaussians": generator.num_gaussians,
         "seconds_per_seed (first includes compilation)": timings,

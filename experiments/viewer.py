@@ -42,6 +42,8 @@ flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (127.0.0.1: this 
                                          "reach it through an SSH tunnel).")
 flags.DEFINE_integer("port", 8080, "Port of the page.")
 flags.DEFINE_integer("seed", 0, "Initial identity seed.")
+flags.DEFINE_string("identity", None, "An inverted identity (experiments/invert.py's "
+                    "identity.npz) shown instead of the seeds.")
 flags.DEFINE_string("flame_sequence", None,
                     "Initial FLAME sequence: builtin:talk|blink|nod|smile or an .npz.")
 flags.DEFINE_bool("warmup", True, "Compile the static generator and both per-frame functions "
@@ -54,7 +56,8 @@ def main(argv):
     from reta3d import inference, viewer
 
     config, generator, g_vars = cli.load_generator_from_flags()
-    renderer = viewer.Renderer(config, generator, g_vars, **cli.render_options())
+    renderer = viewer.Renderer(config, generator, g_vars, identity=FLAGS.identity,
+                               **cli.render_options())
     if FLAGS.benchmark_frames:
         result = viewer.benchmark(renderer, FLAGS.benchmark_frames)
         cli.print_json(dict(result, **inference.device_description()))

@@ -372,7 +372,9 @@ def animate_to_video(config, generator, g_vars, seeds: Sequence[int], sequence_s
                      fps: Optional[float] = None, resolution: Optional[int] = None,
                      backend: Optional[str] = None,
                      expression_index: Optional[Mapping[str, int]] = None,
-                     capacity: Optional[int] = None) -> Dict[str, Any]:
+                     capacity: Optional[int] = None, static=None,
+                     shape: Optional[np.ndarray] = None,
+                     identity: Optional[str] = None) -> Dict[str, Any]:
     """The animation job of `experiments/animate.py`: S identities side by side driven by one
     FLAME sequence → a video at `out` (.mp4 / .gif) with exactly one frame per FLAME frame, and
     the timing JSON next to it (`reta3d.video.timing_path(out)`). Returns that JSON's content
@@ -380,6 +382,10 @@ def animate_to_video(config, generator, g_vars, seeds: Sequence[int], sequence_s
 
     The static generator runs once per identity (`generate_static_maps`); every frame runs one
     jitted per-frame function (`make_frame_fn`: FLAME + G_d + binding + rasterizer).
+    static: StaticMaps given instead of seeds (e.g. an inverted identity,
+    `reta3d.inversion.load_identity`; `seeds` is then ignored); shape: (S,) or (1, S) FLAME
+    shape replacing the sequence's on every frame (the identity's own head); identity: a name
+    recorded in the JSON.
     """
     out = pathlib.Path(out)
     if out.suffix.lower() not in VIDEO_SUFFIXES:
@@ -388,10 +394,16 @@ def animate_to_video(config, generator, g_vars, seeds: Sequence[int], sequence_s
                                           expression_index)
     num = int(sequence["expression"].shape[0])
     labels = camera_path(camera, num)
-    z = latents_for_seeds(seeds, config.model.z_dim)
+    if shape is not None:
+        sequence = dict(sequence, shape=np.repeat(np.asarray(shape, np.float32).reshape(1, -1),
+                                                  num, axis=0))
     start = time.perf_counter()
-    static = jax.block_until_ready(generate_static_maps(
-        generator, g_vars, z, conditioning_labels(config, len(seeds)), truncation_psi))
+    if static is None:
+        z = latents_for_seeds(seeds, config.model.z_dim)
+        static = jax.block_until_ready(generate_static_maps(
+            generator, g_vars, z, conditioning_labels(config, len(seeds)), truncation_psi))
+    else:
+        seeds = []
     static_s = time.perf_counter() - start
     frame_fn = make_frame_fn(config, generator, resolution, backend, capacity=capacity)
     frames, timing = run_animation(frame_fn, g_vars, static, sequence, labels, realtime)
@@ -401,6 +413,8 @@ def animate_to_video(config, generator, g_vars, seeds: Sequence[int], sequence_s
                   camera=camera, video_fps=fps, resolution=int(frames.shape[2]),
                   num_gaussians=generator.num_gaussians,
                   static_s_all_identities_incl_compile=static_s, **device_description())
+    if identity is not None:
+        timing["identity"] = str(identity)
     timing_file = timing_path(out)
     timing_file.write_text(json.dumps(timing, indent=2))
     return timing

@@ -314,8 +314,16 @@ class Renderer:
 
     def __init__(self, config, generator, g_vars, resolution: Optional[int] = None,
                  backend: Optional[str] = None, capacity: Optional[int] = None,
-                 static_cache: int = 4):
+                 static_cache: int = 4, identity: Optional[str] = None):
+        """identity: an inverted identity (`experiments/invert.py`'s identity.npz): it is shown
+        instead of the seeds (its static maps, its PTI-tuned weights if any, its FLAME shape)."""
         from reta3d import inference
+        self.identity = identity
+        self.identity_static, self.identity_shape = None, None
+        if identity is not None:
+            from reta3d import inversion
+            g_vars, self.identity_static = inversion.load_identity(identity, generator, g_vars)
+            self.identity_shape = inversion.read_identity(identity).shape
         self.config, self.generator, self.g_vars = config, generator, g_vars
         self.model = generator.flame_model
         self.components = expression_components(self.model)
@@ -343,6 +351,8 @@ class Renderer:
         import jax
         from reta3d import cameras, inference
         key = (int(seed), float(psi))
+        if self.identity_static is not None:
+            return self.identity_static, 0.0
         with self._lock:
             if key in self._static:
                 self._static.move_to_end(key)
@@ -368,7 +378,11 @@ class Renderer:
 
     def flame(self, state: ViewerState) -> Dict[str, np.ndarray]:
         sequence = self.sequence(state.sequence)[0] if state.sequence else None
-        return flame_from_state(state, self.model, sequence)
+        flame = flame_from_state(state, self.model, sequence)
+        if self.identity_shape is not None:
+            from reta3d import inversion
+            flame = inversion.with_identity_shape(flame, self.identity_shape)
+        return flame
 
     @staticmethod
     def label(state: ViewerState) -> np.ndarray:
@@ -635,8 +649,13 @@ class Viewer:
         h["image"] = gui.add_image(np.full((r.resolution, r.resolution, 3), r.background,
                                            np.uint8), label=None, format="png")
         with gui.add_folder("Identity"):
-            h["seed"] = gui.add_number("Seed", int(s.seed), min=0, step=1)
-            h["psi"] = gui.add_slider("Truncation psi", 0.0, 1.0, 0.05, float(s.psi))
+            if r.identity is not None:
+                gui.add_markdown(f"Inverted identity `{pathlib.Path(r.identity).name}` "
+                                 "(seed and psi do not apply)")
+            h["seed"] = gui.add_number("Seed", int(s.seed), min=0, step=1,
+                                       disabled=r.identity is not None)
+            h["psi"] = gui.add_slider("Truncation psi", 0.0, 1.0, 0.05, float(s.psi),
+                                      disabled=r.identity is not None)
             h["gd"] = gui.add_checkbox("G_d (dynamic)", bool(s.use_dynamic),
                                        hint="The dynamic texture module; off: the static maps only")
         with gui.add_folder("Expression"):

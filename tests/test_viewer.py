@@ -587,3 +587,39 @@ def test_sequence_player_and_file_loading(demo_renderer, tmp_path):
         assert app.render_loop.wait_idle(60) and not app.errors
     finally:
         app.stop()
+
+
+def test_renderer_shows_an_inverted_identity(tmp_path):
+    """--identity: the identity file's static maps and FLAME shape are shown whatever the seed,
+    exactly as rendering those maps directly (what animate.py --identity does)."""
+    from reta3d import inference, inversion
+    config = demo.get_config()
+    generator = train.build_generator(config)
+    g_vars = init_like(generator, seed=3)
+    z = inference.latents_for_seeds([7], config.model.z_dim)
+    from reta3d import cameras
+    static = inference.generate_static_maps(generator, g_vars, z,
+                                            cameras.conditioning_labels(config, 1))
+    shape = np.zeros((1, generator.flame_model.num_shape), np.float32)
+    shape[0, 0] = 1.5
+    flame = {k: np.zeros((1, w), np.float32) for k, w in (
+        ("shape", generator.flame_model.num_shape), ("expression", generator.flame_model.num_expression),
+        ("global_pose", 3), ("neck_pose", 3), ("jaw_pose", 3), ("eye_pose", 6))}
+    flame["shape"] = shape
+    path = inversion.write_identity(
+        tmp_path / "identity.npz", ws=np.asarray(static.ws), w=np.asarray(static.ws),
+        space="w+", static=static, flame=flame, camera=look_at_eg3d_label(0.0, 0.0),
+        fingerprint=inversion.generator_fingerprint(g_vars))
+    renderer = viewer.Renderer(config, generator, g_vars, identity=str(path))
+    a = renderer.render(ViewerState(seed=0)).image
+    b = renderer.render(ViewerState(seed=11)).image
+    np.testing.assert_array_equal(a, b)
+    plain = viewer.Renderer(config, generator, g_vars)
+    assert np.abs(a.astype(int) - plain.render(ViewerState(seed=0)).image).mean() > 1.0
+    # The same picture as the identity's maps rendered directly with its shape.
+    state = ViewerState(seed=0)
+    direct = plain.frame_fns[True](
+        g_vars, static, {k: jnp.asarray(v) for k, v in
+                         inversion.with_identity_shape(plain.flame(state), shape).items()},
+        jnp.asarray(0, jnp.int32), jnp.asarray(plain.label(state)[None]))[0]
+    np.testing.assert_array_equal(a, np.asarray(direct[0]))
