@@ -392,23 +392,15 @@ def layers_of(variables: Mapping) -> tuple[int, ...]:
 def read_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """An arcface_torch backbone.pth (a state dict, possibly with a "module." prefix or nested
     under "state_dict") → {name: float32 numpy}. Needs torch."""
+    from reta3d.networks.convert import load_state_dict_file
     path = os.fspath(path)
     try:
-        import torch
+        state, _ = load_state_dict_file(path)
     except ImportError as error:
         raise ImportError(f"reading {path} needs torch (the CPU build is enough); or convert it "
                           f"where torch is installed with experiments/convert_arcface.py and "
                           f"load the .npz") from error
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ValueError(f"{path}: cannot be read by torch.load "
-                         f"({type(error).__name__}: {error})") from error
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
-    return clean_state_dict({k: v for k, v in state.items() if hasattr(v, "detach")})
+    return clean_state_dict(state)
 
 
 def load_arcface_params(path: str | os.PathLike) -> dict:

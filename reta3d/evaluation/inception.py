@@ -443,27 +443,17 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         except Exception as error:  # zip / format errors all mean "not a usable .npz"
             raise ValueError(f"{path}: cannot read as an Inception .npz "
                              f"({type(error).__name__}: {error})") from error
+    from reta3d.networks.convert import load_state_dict_file
     try:
-        import torch
+        state_dict, _ = load_state_dict_file(path)
     except ImportError as error:
         raise ImportError(
             f"{path}: reading a .pth needs torch (pip install torch; the CPU build is enough). "
             f"Or convert it once, where torch is installed, with `python "
             f"experiments/convert_inception.py --input={path} --output=inception.npz` and pass "
             f"the .npz.") from error
-    try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ValueError(f"{path}: cannot be read by torch.load(weights_only=True) "
-                         f"({type(error).__name__}: {error})") from error
-    if isinstance(state_dict, Mapping) and "state_dict" in state_dict and isinstance(
-            state_dict["state_dict"], Mapping):
-        state_dict = state_dict["state_dict"]
-    if not isinstance(state_dict, Mapping):
-        raise ValueError(f"{path}: expected a state dict, got {type(state_dict).__name__}")
-    return {name: value.detach().cpu().float().numpy() if value.is_floating_point()
-            else value.detach().cpu().numpy()
-            for name, value in state_dict.items() if isinstance(value, torch.Tensor)}
+    return {name: value.astype(np.float32) if np.issubdtype(value.dtype, np.floating) else value
+            for name, value in state_dict.items()}
 
 
 def load_inception_params(path: str | os.PathLike) -> dict:
