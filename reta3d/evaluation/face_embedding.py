@@ -18,7 +18,6 @@ package (requirements-faces.txt; Davis King, CC0 / public domain per that packag
 from __future__ import annotations
 
 import functools
-import importlib.util
 import pathlib
 from typing import Callable
 
@@ -36,16 +35,7 @@ def model_file() -> pathlib.Path:
     """Path of dlib_face_recognition_resnet_model_v1.dat inside the installed
     face_recognition_models package (found without importing it, as landmarks.model_files).
     Raises FileNotFoundError with the install hint when missing."""
-    spec = importlib.util.find_spec("face_recognition_models")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"face_recognition_models is not installed: "
-                                f"{_landmarks.INSTALL_HINT}")
-    for root in spec.submodule_search_locations:
-        path = pathlib.Path(root) / "models" / RECOGNITION_MODEL
-        if path.is_file():
-            return path
-    raise FileNotFoundError(f"{RECOGNITION_MODEL} not found in face_recognition_models at "
-                            f"{list(spec.submodule_search_locations)}: {_landmarks.INSTALL_HINT}")
+    return _landmarks.packaged_model_file(RECOGNITION_MODEL)
 
 
 @functools.lru_cache(maxsize=1)

@@ -94,15 +94,21 @@ def model_files() -> dict[str, pathlib.Path]:
     it (its __init__ imports pkg_resources, which recent setuptools no longer ships).
     Raises FileNotFoundError (with the install hint) when the package or the file is missing.
     """
+    return {"shape_predictor_68": packaged_model_file(SHAPE_PREDICTOR_68)}
+
+
+def packaged_model_file(name: str) -> pathlib.Path:
+    """Path of the dlib model file `name` inside the installed face_recognition_models package,
+    found without importing it. Raises FileNotFoundError with the install hint."""
     spec = importlib.util.find_spec("face_recognition_models")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(f"face landmark model package face_recognition_models is not "
                                 f"installed: {INSTALL_HINT}")
     for root in spec.submodule_search_locations:
-        path = pathlib.Path(root) / "models" / SHAPE_PREDICTOR_68
+        path = pathlib.Path(root) / "models" / name
         if path.is_file():
-            return {"shape_predictor_68": path}
-    raise FileNotFoundError(f"{SHAPE_PREDICTOR_68} not found in face_recognition_models at "
+            return path
+    raise FileNotFoundError(f"{name} not found in face_recognition_models at "
                             f"{list(spec.submodule_search_locations)}: {INSTALL_HINT}")
 
 
