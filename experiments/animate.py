@@ -48,8 +48,7 @@ flags.DEFINE_float("fps", None, "Video frame rate (default: the sequence's fps, 
 flags.DEFINE_string("expression_components", None,
                     "Name FLAME expression components for the builtins, e.g. smile=1,blink=7.")
 flags.DEFINE_string("out", "out/animation.mp4", "Output video (.mp4 or .gif).")
-flags.DEFINE_string("identity", None, "An inverted identity (experiments/invert.py's "
-                                      "OUT/identity.npz) instead of --seed/--seeds.")
+cli.define_identity_flag("--seed/--seeds")
 
 
 def main(argv):
@@ -63,14 +62,9 @@ def main(argv):
         names = {**sequences.template_expression_index(generator.flame_model), **names}
     static = shape = None
     if FLAGS.identity is not None:
-        from reta3d import inversion
-        if FLAGS.seed is not None or FLAGS["seeds"].present or FLAGS.psi != 1.0:
-            raise app.UsageError("--identity replaces --seed / --seeds (and --psi)")
-        try:
-            g_vars, static = inversion.load_identity(FLAGS.identity, generator, g_vars)
-            shape = inversion.read_identity(FLAGS.identity).shape
-        except (FileNotFoundError, ValueError) as e:
-            raise app.UsageError(str(e)) from e
+        g_vars, static, identity = cli.load_identity_from_flags(
+            generator, g_vars, FLAGS.seed is not None or FLAGS["seeds"].present or FLAGS.psi != 1.0)
+        shape = identity.shape
     timing = inference.animate_to_video(
         config, generator, g_vars, seeds, FLAGS.flame_sequence, FLAGS.out,
         num_frames=FLAGS.frames, camera=FLAGS.camera, realtime=FLAGS.realtime,

@@ -40,8 +40,7 @@ flags.DEFINE_float("jaw", 0.0, "Neutral export: jaw opening angle (radians).")
 flags.DEFINE_bool("use_dynamic", True, "Apply G_d (False: the static maps only).")
 flags.DEFINE_integer("sh_degree", 0, "SH degree of the file: 0, or 3 (zero f_rest, for SIBR).")
 flags.DEFINE_string("out", "out/head.ply", "Output .ply.")
-flags.DEFINE_string("identity", None, "An inverted identity (experiments/invert.py's "
-                                      "OUT/identity.npz) instead of --seed.")
+cli.define_identity_flag("--seed")
 
 
 def main(argv):
@@ -73,14 +72,9 @@ def main(argv):
                                         FLAGS.jaw)
         what = "neutral"
     if FLAGS.identity is not None:
-        from reta3d import inversion
-        if FLAGS["seed"].present or FLAGS.psi != 1.0:
-            raise app.UsageError("--identity replaces --seed (and --psi)")
-        try:
-            g_vars, static = inversion.load_identity(FLAGS.identity, generator, g_vars)
-            flame = inversion.read_identity(FLAGS.identity).apply_shape(flame)
-        except (FileNotFoundError, ValueError) as e:
-            raise app.UsageError(str(e)) from e
+        g_vars, static, identity = cli.load_identity_from_flags(
+            generator, g_vars, FLAGS["seed"].present or FLAGS.psi != 1.0)
+        flame = identity.apply_shape(flame)
     else:
         z = inference.latents_for_seeds([FLAGS.seed], config.model.z_dim)
         static = inference.generate_static_maps(generator, g_vars, z,

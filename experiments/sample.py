@@ -44,8 +44,7 @@ flags.DEFINE_string("expression", None, "Comma list of leading FLAME expression 
 flags.DEFINE_float("jaw", 0.0, "Jaw opening angle (radians, rotation about x).")
 flags.DEFINE_integer("chunk", 8, "Cameras rendered per call.")
 flags.DEFINE_string("out", "out/samples", "Output directory.")
-flags.DEFINE_string("identity", None, "An inverted identity (experiments/invert.py's "
-                                      "OUT/identity.npz) instead of --seeds.")
+cli.define_identity_flag("--seeds")
 
 
 def main(argv):
@@ -66,14 +65,10 @@ def main(argv):
     flame = sequences.neutral_flame(generator.flame_model, expression, FLAGS.jaw)
     identity_static = None
     if FLAGS.identity is not None:
-        from reta3d import inversion
-        if FLAGS["seeds"].present or FLAGS.psi != 1.0 or FLAGS.truncation_cutoff is not None:
-            raise app.UsageError("--identity replaces --seeds (and --psi / --truncation_cutoff)")
-        try:
-            g_vars, identity_static = inversion.load_identity(FLAGS.identity, generator, g_vars)
-            flame = inversion.read_identity(FLAGS.identity).apply_shape(flame)
-        except (FileNotFoundError, ValueError) as e:
-            raise app.UsageError(str(e)) from e
+        g_vars, identity_static, identity = cli.load_identity_from_flags(
+            generator, g_vars, FLAGS["seeds"].present or FLAGS.psi != 1.0
+            or FLAGS.truncation_cutoff is not None)
+        flame = identity.apply_shape(flame)
         seeds = [None]
     out_dir = pathlib.Path(FLAGS.out)
     out_dir.mkdir(parents=True, exist_ok=True)

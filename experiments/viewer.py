@@ -42,8 +42,7 @@ flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (127.0.0.1: this 
                                          "reach it through an SSH tunnel).")
 flags.DEFINE_integer("port", 8080, "Port of the page.")
 flags.DEFINE_integer("seed", 0, "Initial identity seed.")
-flags.DEFINE_string("identity", None, "An inverted identity (experiments/invert.py's "
-                    "identity.npz) shown instead of the seeds.")
+cli.define_identity_flag("the seeds")
 flags.DEFINE_string("flame_sequence", None,
                     "Initial FLAME sequence: builtin:talk|blink|nod|smile or an .npz.")
 flags.DEFINE_bool("warmup", True, "Compile the static generator and both per-frame functions "

@@ -8,6 +8,7 @@ level, before `app.run`):
     define_capacity_flag()               --capacity alone
     define_flame_model_flags()           --flame_model --flame_uv
     define_landmark_flags()              --landmark_embedding --dynamic_embedding
+    define_identity_flag(instead_of)     --identity (load_identity_from_flags)
     define_timing_flags(repeats, warmup) --repeats --warmup
 
 This module disclaims its key flags (`absl.flags.disclaim_key_flags`), so every flag it defines
@@ -103,6 +104,27 @@ def load_head_and_landmarks(model=None, flag_values=FLAGS):
                 "flame_static_embedding.pkl (flame.is.tue.mpg.de)")
         return model, embedding.template_embedding()
     return model, embedding.load_embedding(path, model, flag_values.dynamic_embedding)
+
+
+def define_identity_flag(instead_of: str) -> None:
+    """--identity: an inverted identity (experiments/invert.py's OUT/identity.npz) used
+    instead of the seed flags named in `instead_of` (for the help text)."""
+    flags.DEFINE_string("identity", None, "An inverted identity (experiments/invert.py's "
+                        f"OUT/identity.npz) instead of {instead_of}.")
+
+
+def load_identity_from_flags(generator, g_vars, seed_flags_given: bool, flag_values=FLAGS):
+    """--identity → (g_vars with its tuned weights merged, its StaticMaps, its Identity)
+    (`reta3d.inversion.load_identity` / `read_identity`). UsageError when seed flags were also
+    given (`seed_flags_given`) or the file is missing or belongs to other weights."""
+    from reta3d import inversion
+    if seed_flags_given:
+        raise app.UsageError("--identity replaces the seed flags (and --psi)")
+    try:
+        g_vars, static = inversion.load_identity(flag_values.identity, generator, g_vars)
+        return g_vars, static, inversion.read_identity(flag_values.identity)
+    except (FileNotFoundError, ValueError) as e:
+        raise app.UsageError(str(e)) from e
 
 
 def define_timing_flags(repeats: int, warmup: int) -> None:
