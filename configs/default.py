@@ -43,6 +43,10 @@ def get_config():
     c.model.gd_channels = 32
     c.model.expression_dims = 50
     c.model.dtype = "float32"          # "bfloat16": bf16 convolutions, fp32 params
+    # Generation modules (ablation, Tab. 1c; configs/ablation.py): False drops G_m (the mouth
+    # map is the face map's crop) / G_d (the expression then conditions G, rerun per frame).
+    c.model.mouth_generator = True
+    c.model.dynamic_module = True
 
     # Discriminator (EG3D's single camera-conditioned D).
     c.disc = ml_collections.ConfigDict()

@@ -5,7 +5,8 @@
 Draws `num` FLAME parameters and cameras from the synthetic dataset's distribution, renders the
 synthetic dataset's own heads there (`reta3d.synthetic.reference_alpha`: the data's alpha) and
 the model's heads for random latents (the mapping conditioned on the same camera, as in SWD).
-The silhouette is where the data's alpha exceeds 0.5. Prints JSON: the mean alpha inside the
+The silhouette is where the data's alpha exceeds 0.5; its interior is the silhouette eroded by
+2 pixels (outline mismatches left out). Prints JSON: the mean alpha inside the
 silhouette for the data and for the model, and the IoU of the two silhouettes. A model whose
 Gaussians are too small for their spacing leaves holes: its mean alpha stays well below the
 data's.
@@ -30,6 +31,7 @@ def alpha_coverage(config, generator, g_vars, num: int, seed: int = 0):
     import jax
     import jax.numpy as jnp
     import numpy as np
+    from scipy import ndimage
 
     import rasterizer
     from reta3d import synthetic, train
@@ -57,10 +59,16 @@ def alpha_coverage(config, generator, g_vars, num: int, seed: int = 0):
                                    {k: jnp.asarray(v) for k, v in flame.items()}))
     inside = data_alpha > 0.5
     model_inside = alpha > 0.5
+    # The silhouette's interior (2 px in): where a head that matches the data's outline but is
+    # slightly smaller or larger does not count, so what is left is see-through surface.
+    interior = np.stack([ndimage.binary_erosion(m, iterations=2) for m in inside])
     return {
         "num": num, "resolution": res,
         "data_alpha_in_silhouette": float(data_alpha[inside].mean()),
         "model_alpha_in_silhouette": float(alpha[inside].mean()),
+        "data_alpha_in_interior": float(data_alpha[interior].mean()),
+        "model_alpha_in_interior": float(alpha[interior].mean()),
+        "model_interior_fraction_below_0.9": float((alpha[interior] < 0.9).mean()),
         "model_alpha_outside_silhouette": float(alpha[~inside].mean()),
         "silhouette_iou": float((inside & model_inside).sum() / max((inside | model_inside).sum(), 1)),
         "log_gamma_s": {"face": generator.head_binding.face_log_gamma_s,

@@ -9,6 +9,10 @@
         frame, all dispatched back to back and blocked once; FPS = frames / wall time per
         identity (median over identities; the total over all identities is reported too).
 
+Tab. 1(c)'s rows without G_d (configs/ablation.py:baseline, :gm) have no per-frame G_d: the
+expression conditions G, so their per-frame path reruns G (and G_m) for every frame, and their
+Dri FPS measures exactly that (the paper's Baseline 31.5 and + G_m 29.8 against 79.2 FPS).
+
 Protocol (paper): batch 1, 5 identities, 240 FLAME frames (builtin:talk by default), after
 warm-up (compilation excluded), every timed call ended by block_until_ready; Gen and Rend are
 the median of --repeats runs per identity. --throughput runs the same at batch --batch (32):
@@ -26,6 +30,7 @@ script follows the paper's text (static part once per identity, Sec. 2.3) and al
   python experiments/benchmark.py --config=configs/ffhq512.py --random_init --throughput
   python experiments/benchmark.py --config=configs/demo.py --random_init --identities=2 --frames=24
   python experiments/benchmark.py --workdir=runs/ffhq512 --out=out/runtime.json
+  python experiments/benchmark.py --config=configs/ablation.py:baseline --random_init
 """
 import pathlib
 import sys
@@ -181,7 +186,9 @@ def main(argv):
         "warmup": FLAGS.warmup,
         "compile_s (first call, excluded)": compile_s,
         "rasterizer_overflow": overflow,
-        "model": {"uv_resolution": config.model.uv_resolution,
+        "model": {"generation_modules (Tab. 1c)": generator.config.ablation_row,
+                  "frame_kind": generator.config.frame_kind,
+                  "uv_resolution": config.model.uv_resolution,
                   "mouth_resolution": config.model.mouth_resolution,
                   "weights": "random init" if FLAGS.random_init else f"G_ema of {FLAGS.workdir}",
                   "dtype": config.model.dtype},

@@ -50,11 +50,15 @@ from reta3d.video import VIDEO_SUFFIXES, side_by_side, timing_path, write_video
 
 def load_config(config) -> Any:
     """A ConfigDict from a ConfigDict (returned as is), a `.py` config file (its
-    `get_config()`) or a `.json` file (a training workdir's config.json)."""
+    `get_config()`; "file.py:ARG" calls `get_config(ARG)`, as ml_collections' config flags
+    do, e.g. configs/ablation.py:baseline) or a `.json` file (a training workdir's config.json)."""
     import ml_collections
     if isinstance(config, ml_collections.ConfigDict):
         return config
-    path = pathlib.Path(config)
+    path, arg = pathlib.Path(config), None
+    if not path.is_file() and ".py:" in str(config):
+        name, _, arg = str(config).partition(".py:")
+        path = pathlib.Path(name + ".py")
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     if path.suffix == ".json":
@@ -69,7 +73,7 @@ def load_config(config) -> Any:
         spec.loader.exec_module(module)
         if not hasattr(module, "get_config"):
             raise ValueError(f"{path}: a config file must define get_config()")
-        return module.get_config()
+        return module.get_config() if arg is None else module.get_config(arg)
     raise ValueError(f"{path}: unsupported config file type '{path.suffix}' (expected .py or .json)")
 
 

@@ -598,11 +598,13 @@ def project(config, generator, g_vars, target: Target, settings: InversionSettin
 # ------------------------------------------------------------------------------------------
 
 def _split_params(g_vars):
+    """The PTI-tuned subtrees present: a Tab. 1(c) generator without G_m has no
+    mouth_synthesis / blend (its static generator is G alone)."""
     params = g_vars["params"]
-    missing = [k for k in TUNED_SUBTREES if k not in params]
-    if missing:
-        raise ValueError(f"generator parameters lack {missing}: not a RETA3D generator")
-    return {k: params[k] for k in TUNED_SUBTREES}
+    if "synthesis" not in params:
+        raise ValueError(f"generator parameters {sorted(params)} lack 'synthesis': not a RETA3D "
+                         "generator")
+    return {k: params[k] for k in TUNED_SUBTREES if k in params}
 
 
 def merge_tuned(g_vars, tuned: Mapping[str, Any]):

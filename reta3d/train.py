@@ -18,7 +18,6 @@ Data layout of a step's batch (per device D, per-device batch B): image (D,B,R,R
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import logging
@@ -27,9 +26,8 @@ import os
 import pathlib
 import signal
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
-import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -59,7 +57,8 @@ def generator_config(config: ml_collections.ConfigDict) -> generator_lib.Generat
         channel_max=m.channel_max, mouth_channel_base=m.mouth_channel_base,
         mouth_channel_max=m.mouth_channel_max, mapping_layers=m.mapping_layers,
         conv_clamp=m.conv_clamp, expression_dims=m.expression_dims, gd_channels=m.gd_channels,
-        frame_kind=config.head.frame_kind, dtype=m.dtype)
+        frame_kind=config.head.frame_kind, dtype=m.dtype,
+        mouth_generator=m.get("mouth_generator", True), dynamic_module=m.get("dynamic_module", True))
 
 
 def build_generator(config) -> generator_lib.RETA3DGenerator:
@@ -233,6 +232,22 @@ def dropped_fraction(overflow, capacity: int):
     return overflow / (capacity + overflow)
 
 
+def _noise_key(rng):
+    """The key of G's per-layer noise in a forward keyed by `rng` (synthesize_static's, and
+    animate's per-frame rerun of G for the generators without G_d)."""
+    return jax.random.split(rng, 3)[2]
+
+
+def animate_fakes(generator, g_vars, static, flame, rng, *, train: bool, noise_mode: str,
+                  use_dynamic: bool = True):
+    """generator.animate for a training/sampling forward. Only the Tab. 1(c) generators without
+    G_d rerun G in animate; they get the same noise as `synthesize_static` would use."""
+    if generator.config.expression_conditioned:
+        return generator.animate(g_vars, static, flame, use_dynamic=use_dynamic,
+                                 noise_mode=noise_mode if train else "const", rng=_noise_key(rng))
+    return generator.animate(g_vars, static, flame, use_dynamic=use_dynamic)
+
+
 def synthesize_static(config, generator, g_vars, z, cameras, rng, *, train: bool,
                       style_mixing_prob: float = 0.0, noise_mode: str = "random", cond_cameras=None):
     """The static part of a training/sampling forward: mapping (conditioned on `cond_cameras`,
@@ -241,7 +256,8 @@ def synthesize_static(config, generator, g_vars, z, cameras, rng, *, train: bool
     z (B, z_dim), cameras (B, 25) → (StaticMaps, mapping_state: the updated w_avg when
     `train`, else None). `rng` is the same key `generate_images` takes.
     """
-    mix_key, z2_key, noise_key = jax.random.split(rng, 3)
+    mix_key, z2_key, _ = jax.random.split(rng, 3)
+    noise_key = _noise_key(rng)
     cond = cameras if cond_cameras is None else cond_cameras
     mapping_state = None
     if train:
@@ -282,7 +298,8 @@ def generate_images(config, generator, g_vars, z, cameras, flame, rng, *, train:
     static, mapping_state = synthesize_static(
         config, generator, g_vars, z, cameras, rng, train=train,
         style_mixing_prob=style_mixing_prob, noise_mode=noise_mode, cond_cameras=cond_cameras)
-    gaussians, aux = generator.animate(g_vars, static, flame, use_dynamic=True)
+    gaussians, aux = animate_fakes(generator, g_vars, static, flame, rng, train=train,
+                                   noise_mode=noise_mode)
     images, overflow = render_images(config, gaussians, cameras)
     out = {"images": images, "aux": aux, "mapping_state": mapping_state, "overflow": overflow}
     if static_images:
@@ -319,6 +336,17 @@ def generator_gradients(config, generator, weights, d_logits_fn, vgg_features, g
     # L_scale's target per Gaussian, (N, 1): the same γs the decoding uses.
     gamma_s = jnp.exp(jnp.asarray(generator.head_binding.log_gamma_s))[:, None]
 
+    def render_terms(outputs):
+        images, offset_raw, scales = outputs
+        terms = {"adversarial": losses.generator_adversarial(d_logits_fn(images, cameras)),
+                 "offset": losses.offset_regularizer(offset_raw),
+                 "scale": losses.scale_regularizer(scales, gamma_s=gamma_s)}
+        return losses.generator_total(terms, weights), terms
+
+    if generator.config.expression_conditioned:
+        return _gradients_without_gd(config, generator, render_terms, g_vars, z, cameras, flame,
+                                     rng, style_mixing_prob, noise_mode, cond_cameras)
+
     def static_part(params):
         return synthesize_static(config, generator, dict(g_vars, params=params), z, cameras, rng,
                                  train=True, style_mixing_prob=style_mixing_prob,
@@ -333,14 +361,6 @@ def generator_gradients(config, generator, weights, d_logits_fn, vgg_features, g
     static, static_pullback, mapping_state = jax.vjp(static_part, g_params, has_aux=True)
     outputs, dynamic_pullback, overflow = jax.vjp(dynamic_part, g_params["dynamic"], static,
                                                   has_aux=True)
-
-    def render_terms(outputs):
-        images, offset_raw, scales = outputs
-        terms = {"adversarial": losses.generator_adversarial(d_logits_fn(images, cameras)),
-                 "offset": losses.offset_regularizer(offset_raw),
-                 "scale": losses.scale_regularizer(scales, gamma_s=gamma_s)}
-        return losses.generator_total(terms, weights), terms
-
     (_, terms), cotangent = jax.value_and_grad(render_terms, has_aux=True)(outputs)
     grad_dynamic, grad_static = dynamic_pullback(cotangent)
     if use_id:
@@ -363,6 +383,29 @@ def generator_gradients(config, generator, weights, d_logits_fn, vgg_features, g
     return total, terms, mapping_state, overflow, grads
 
 
+def _gradients_without_gd(config, generator, render_terms, g_vars, z, cameras, flame, rng,
+                          style_mixing_prob, noise_mode, cond_cameras):
+    """Eq. 2 for Tab. 1(c)'s generators without G_d: L_adv + L_offset + L_scale. L_ID and
+    L_reg^{G_d} are the dynamic module's terms (Sec. 2.4) and drop out with it; every frame's
+    maps come from G itself (the expression conditions it), so one plain gradient suffices.
+    Returns what `generator_gradients` returns."""
+
+    def loss(params):
+        variables = dict(g_vars, params=params)
+        static, mapping_state = synthesize_static(
+            config, generator, variables, z, cameras, rng, train=True,
+            style_mixing_prob=style_mixing_prob, noise_mode=noise_mode, cond_cameras=cond_cameras)
+        gaussians, aux = animate_fakes(generator, variables, static, flame, rng, train=True,
+                                       noise_mode=noise_mode)
+        images, overflow = render_images(config, gaussians, cameras)
+        total, terms = render_terms((images, aux["offset_raw"], aux["scales"]))
+        return total, (terms, mapping_state, overflow)
+
+    (total, (terms, mapping_state, overflow)), grads = jax.value_and_grad(loss, has_aux=True)(
+        g_vars["params"])
+    return total, terms, mapping_state, overflow, grads
+
+
 # ------------------------------------------------------------------------------------------
 # The steps (per device; pmapped by `make_steps`)
 # ------------------------------------------------------------------------------------------
@@ -382,7 +425,7 @@ def make_steps(config, generator, discriminator, vgg_features=None, devices=None
     weights = losses.LossWeights(offset=config.loss.lambda_offset, scale=config.loss.lambda_scale,
                                  dynamic_weights=config.loss.lambda_gd,
                                  identity=config.loss.lambda_id, r1_gamma=config.loss.r1_gamma)
-    use_id = weights.identity > 0
+    use_id = weights.identity > 0 and generator.config.dynamic_module
     if use_id and vgg_features is None:
         raise ValueError("lambda_id > 0 needs a VGG16 feature function")
     z_dim = config.model.z_dim
@@ -638,7 +681,6 @@ def _own_loader_state(meta: Dict[str, Any]) -> Dict[str, str]:
 def prepare_data(config):
     """The dataset source (TFDS array_record, read without TensorFlow); builds the embedded
     synthetic dataset first when the config asks for it and it is missing."""
-    from reta3d.data import folder as folder_lib
     from reta3d.data import tfds_builder
     path = pathlib.Path(config.data.path)
     # Process 0 builds it (the path is shared by all hosts); the others wait below.
@@ -733,7 +775,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     generator = build_generator(config)
     discriminator = build_discriminator(config)
     vgg_features = None
-    if config.loss.lambda_id > 0:
+    if not generator.config.dynamic_module:
+        print(f"Tab. 1(c) ablation row '{generator.config.ablation_row}': no G_d, the expression "
+              "conditions the UV generator (rerun per frame); L_ID and L_reg^G_d are off",
+              flush=True)
+    elif config.loss.lambda_id > 0:
         vgg_features, vgg_note = build_vgg_features(config)
         logging.info(vgg_note)
         print(vgg_note, flush=True)

@@ -95,6 +95,8 @@ def test_smoke_run_has_every_section_with_numbers(smoke_report):
     for mode in modes:
         for key in ("gen_fps", "rend_fps", "dri_fps"):
             assert table[mode][key] > 0, (mode, key)
+    ablation = table["ablation (Tab. 1c Dri, random init, batch 1)"]
+    assert ablation["Baseline"]["dri_fps"] > 0 and ablation["+ G_m"]["dri_fps"] > 0
 
     networks = sections["networks"]["results"]
     assert {(e["function"], e["precision"]) for e in networks} == {

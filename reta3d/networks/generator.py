@@ -33,6 +33,15 @@ Choices the paper leaves open (documented here, configurable in `GeneratorConfig
 - The xyz map is the world position μ of each valid texel's Gaussian decoded from the STATIC
   features on the current frame's posed mesh, times `gd_xyz_scale` (the head spans about ±0.3
   world units; the scale brings that to about ±1), zero at invalid texels.
+- The generation-module ablation (Tab. 1(c)): `mouth_generator=False` drops G_m and the
+  blending ConvNet (the mouth map is the face map's mouth crop, resampled onto the mouth grid,
+  so the Gaussians stay the same); `dynamic_module=False` drops G_d, and the expression
+  conditions the UV generator instead ("the baseline with a single UV feature generator
+  only"): the G_d condition vector (expression ⊕ jaw) goes through `ExpressionMapping` (an
+  MLP at the mapping network's learning-rate multiplier 0.01) to a w offset added to every
+  ws before G and G_m, so `animate` reruns G (and G_m) for every frame, the paper's reason the
+  baseline drives slowly. The identity's ws stay expression-free (inversion and
+  `StaticMaps.ws` unchanged); `generate_static` returns the maps at the neutral condition.
 - Layers are StyleGAN2-style equalised learning-rate layers (weights stored ~N(0,1), scaled by
   1/sqrt(fan_in) at run time) so the whole generator trains well with one StyleGAN2 Adam setting.
 """
@@ -96,6 +105,9 @@ class GeneratorConfig:
     gd_xyz_scale: float = 3.0
     frame_kind: str = "consecutive"
     dtype: str = "float32"
+    mouth_generator: bool = True
+    dynamic_module: bool = True
+    expression_mapping_layers: int = 2
 
     def __post_init__(self):
         for name in ("uv_resolution", "mouth_resolution"):
@@ -111,6 +123,9 @@ class GeneratorConfig:
             raise ValueError(f"GeneratorConfig.dtype must be one of {tuple(_DTYPES)}, got {self.dtype!r}")
         if self.blend_layers < 1 or self.gd_layers < 0:
             raise ValueError("GeneratorConfig: blend_layers must be >= 1 and gd_layers >= 0")
+        if self.expression_mapping_layers < 1:
+            raise ValueError("GeneratorConfig.expression_mapping_layers must be >= 1, got "
+                             f"{self.expression_mapping_layers}")
         if self.expression_dims < 0:
             raise ValueError(f"GeneratorConfig.expression_dims must be >= 0, got {self.expression_dims}")
         start = self.resolved_mouth_ws_start
@@ -138,6 +153,19 @@ class GeneratorConfig:
     def condition_dim(self) -> int:
         """Width of G_d's condition vector: expression coefficients (+ 3 jaw pose)."""
         return self.expression_dims + (3 if self.use_jaw_pose else 0)
+
+    @property
+    def expression_conditioned(self) -> bool:
+        """True for Tab. 1(c)'s rows without G_d: the expression conditions the UV generator
+        itself, so `animate` reruns G (and G_m) for every frame."""
+        return not self.dynamic_module
+
+    @property
+    def ablation_row(self) -> str:
+        """Tab. 1(c)'s name for this generator: "Baseline", "+ G_m", "+ G_m + G_d" (the paper's
+        model) or "+ G_d" (not in the table)."""
+        return {(False, False): "Baseline", (True, False): "+ G_m", (True, True): "+ G_m + G_d",
+                (False, True): "+ G_d"}[(self.mouth_generator, self.dynamic_module)]
 
     @property
     def compute_dtype(self):
@@ -312,6 +340,27 @@ class ExpressionEmbedding(nn.Module):
         return FullyConnectedLayer(self.features, activation="lrelu", name="fc1")(x)
 
 
+class ExpressionMapping(nn.Module):
+    """Tab. 1(c) baseline without G_d: FLAME condition (B, condition_dim) → w offset (B, w_dim)
+    float32, added to every ws. `num_layers` equalised-lr dense layers (leaky ReLU between,
+    linear last) at the mapping network's lr multiplier, so the offset trains at the speed of w.
+    A zero condition gives the last layer's bias (zero at initialisation)."""
+
+    w_dim: int
+    num_layers: int = 2
+    lr_multiplier: float = 0.01
+
+    @nn.compact
+    def __call__(self, condition):
+        chex.assert_rank(condition, 2)
+        x = condition.astype(jnp.float32)
+        for i in range(self.num_layers):
+            last = i == self.num_layers - 1
+            x = FullyConnectedLayer(self.w_dim, activation="linear" if last else "lrelu",
+                                    lr_multiplier=self.lr_multiplier, name=f"fc{i}")(x)
+        return x
+
+
 class DynamicBranch(nn.Module):
     """One G_d branch: input (B, R, R, 17) = static (14) ⊕ xyz (3), embedding (B, E) → ΔF (B, R, R, 14).
 
@@ -394,6 +443,8 @@ def synthesis_flops(resolution: int, channel_base: int, channel_max: int,
 def static_generator_flops(config: GeneratorConfig) -> int:
     """FLOPs (batch 1) of G + G_m + blending ConvNet; the mapping network (~5 MFLOPs) left out."""
     g = synthesis_flops(config.uv_resolution, config.channel_base, config.channel_max, config.feature_channels)
+    if not config.mouth_generator:
+        return g
     g_m = synthesis_flops(config.mouth_resolution, config.mouth_channel_base, config.mouth_channel_max,
                           config.feature_channels)
     rm = config.mouth_resolution
@@ -407,7 +458,9 @@ def static_generator_flops(config: GeneratorConfig) -> int:
 
 def dynamic_module_flops(config: GeneratorConfig) -> int:
     """FLOPs (batch 1) of G_d's convolutions on both maps (the embedding MLP, ~0.1 MFLOPs, and
-    FiLM/activations are left out)."""
+    FiLM/activations are left out); 0 without G_d."""
+    if not config.dynamic_module:
+        return 0
     c, f = config.gd_channels, config.feature_channels
     per_texel = (_conv_flops(1, f + 3, c, 3) + config.gd_layers * _conv_flops(1, c, c, 3)
                  + _conv_flops(1, c, f, 3))
@@ -422,7 +475,8 @@ class RETA3DNetworks(nn.Module):
     """Mapping, G, G_m, blending ConvNet and G_d; use the methods through `apply(..., method=)`.
 
     Submodule names (= top-level keys of variables["params"]): mapping, synthesis,
-    mouth_synthesis, blend, dynamic. `mouth_rect` (u0, v0, u1, v1) is the head model's mouth
+    mouth_synthesis, blend (with G_m), dynamic (with G_d), expression_mapping (without G_d,
+    Tab. 1(c)'s expression-conditioned UV generator). `mouth_rect` (u0, v0, u1, v1) is the head model's mouth
     patch rectangle in UV (static).
     """
 
@@ -439,13 +493,18 @@ class RETA3DNetworks(nn.Module):
             w_dim=cfg.w_dim, img_resolution=cfg.uv_resolution, img_channels=cfg.feature_channels,
             channel_base=cfg.channel_base, channel_max=cfg.channel_max, conv_clamp=cfg.conv_clamp,
             compute_dtype=dtype)
-        self.mouth_synthesis = SynthesisNetwork(
-            w_dim=cfg.w_dim, img_resolution=cfg.mouth_resolution, img_channels=cfg.feature_channels,
-            channel_base=cfg.mouth_channel_base, channel_max=cfg.mouth_channel_max,
-            conv_clamp=cfg.conv_clamp, compute_dtype=dtype)
-        self.blend = BlendingConvNet(cfg.blend_channels, cfg.blend_layers, cfg.feature_channels,
-                                     compute_dtype=dtype)
-        self.dynamic = DynamicModule(cfg.gd_channels, cfg.gd_layers, cfg.gd_embed_dim, compute_dtype=dtype)
+        if cfg.mouth_generator:
+            self.mouth_synthesis = SynthesisNetwork(
+                w_dim=cfg.w_dim, img_resolution=cfg.mouth_resolution, img_channels=cfg.feature_channels,
+                channel_base=cfg.mouth_channel_base, channel_max=cfg.mouth_channel_max,
+                conv_clamp=cfg.conv_clamp, compute_dtype=dtype)
+            self.blend = BlendingConvNet(cfg.blend_channels, cfg.blend_layers, cfg.feature_channels,
+                                         compute_dtype=dtype)
+        if cfg.dynamic_module:
+            self.dynamic = DynamicModule(cfg.gd_channels, cfg.gd_layers, cfg.gd_embed_dim,
+                                         compute_dtype=dtype)
+        else:
+            self.expression_mapping = ExpressionMapping(cfg.w_dim, cfg.expression_mapping_layers)
 
     def map_latents(self, z, c, truncation_psi=1.0, truncation_cutoff=None, update_w_avg=False):
         """z (B, z_dim), c (B, c_dim) or None → ws (B, num_ws, w_dim) float32."""
@@ -459,10 +518,17 @@ class RETA3DNetworks(nn.Module):
         cfg = self.config
         chex.assert_shape(ws, (None, cfg.num_ws, cfg.w_dim))
         face = self.synthesis(ws, noise_mode=noise_mode)
+        face_crop = crop_mouth(face, self.mouth_rect, cfg.mouth_resolution)
+        if not cfg.mouth_generator:   # Tab. 1(c) baseline: the face map's own mouth region
+            return face, face_crop
         start = cfg.resolved_mouth_ws_start
         mouth_raw = self.mouth_synthesis(ws[:, start:start + cfg.mouth_num_ws], noise_mode=noise_mode)
-        face_crop = crop_mouth(face, self.mouth_rect, cfg.mouth_resolution)
         return face, self.blend(face_crop, mouth_raw)
+
+    def expression_offset(self, condition):
+        """Without G_d: condition (B, condition_dim) → w offset (B, w_dim) (`ExpressionMapping`)."""
+        chex.assert_shape(condition, (None, self.config.condition_dim))
+        return self.expression_mapping(condition)
 
     def dynamic_residual(self, face_input, mouth_input, condition):
         """G_d: (B, R, R, 17), (B, Rm, Rm, 17), (B, condition_dim) → (ΔF_face, ΔF_mouth)."""
@@ -477,6 +543,8 @@ class RETA3DNetworks(nn.Module):
         """Touches every submodule (used by `init`)."""
         ws = self.map_latents(z, c)
         face, mouth = self.synthesize(ws, noise_mode="const")
+        if not self.config.dynamic_module:
+            return face, mouth, self.expression_offset(condition)
         return face, mouth, self.dynamic_residual(face_input, mouth_input, condition)
 
 
@@ -587,10 +655,25 @@ class RETA3DGenerator:
         return self.networks.apply(variables, z, c, truncation_psi, truncation_cutoff,
                                    method=RETA3DNetworks.map_latents)
 
-    def synthesize(self, variables, ws, noise_mode="const", rng=None) -> StaticMaps:
-        """ws (B, num_ws, w_dim) → StaticMaps (G, G_m, blending). rng: for noise_mode="random"."""
+    def synthesize(self, variables, ws, noise_mode="const", rng=None, condition=None) -> StaticMaps:
+        """ws (B, num_ws, w_dim) → StaticMaps (G, G_m, blending). rng: for noise_mode="random".
+
+        Without G_d (`config.expression_conditioned`, Tab. 1(c)) the maps are those of the FLAME
+        `condition` (B, condition_dim) (None: the neutral one, zeros): G runs on
+        ws + ExpressionMapping(condition); the returned StaticMaps.ws stay the identity's ws.
+        With G_d, passing a condition is an error (the static maps are expression-free)."""
         rngs = {} if rng is None else {"noise": rng}
-        face, mouth = self.networks.apply(variables, ws, noise_mode, rngs=rngs,
+        ws_in = ws
+        if self.config.expression_conditioned:
+            if condition is None:
+                condition = jnp.zeros((ws.shape[0], self.config.condition_dim), jnp.float32)
+            offset = self.networks.apply(variables, condition, method=RETA3DNetworks.expression_offset)
+            ws_in = ws + offset[:, None, :]
+        elif condition is not None:
+            raise ValueError("synthesize: a FLAME condition is only used without G_d "
+                             "(GeneratorConfig.dynamic_module=False); with G_d the static maps "
+                             "are expression-free and animate applies the expression")
+        face, mouth = self.networks.apply(variables, ws_in, noise_mode, rngs=rngs,
                                           method=RETA3DNetworks.synthesize)
         return StaticMaps(face=face, mouth=mouth, ws=ws)
 
@@ -605,13 +688,17 @@ class RETA3DGenerator:
     # -- dynamic part (per frame) ---------------------------------------------------------------
     def dynamic_residual(self, variables, static: StaticMaps, face_xyz, mouth_xyz, condition):
         """G_d on (static ⊕ xyz): face_xyz (B, R, R, 3), mouth_xyz (B, Rm, Rm, 3), condition
-        (B, condition_dim) → (ΔF_face (B, R, R, 14), ΔF_mouth (B, Rm, Rm, 14))."""
+        (B, condition_dim) → (ΔF_face (B, R, R, 14), ΔF_mouth (B, Rm, Rm, 14)).
+        Raises ValueError for a generator without G_d."""
+        if not self.config.dynamic_module:
+            raise ValueError("this generator has no G_d (GeneratorConfig.dynamic_module=False)")
         face_in = jnp.concatenate([static.face, face_xyz], axis=-1)
         mouth_in = jnp.concatenate([static.mouth, mouth_xyz], axis=-1)
         return self.networks.apply(variables, face_in, mouth_in, condition,
                                    method=RETA3DNetworks.dynamic_residual)
 
-    def animate(self, variables, static: StaticMaps, flame_params, use_dynamic: bool = True):
+    def animate(self, variables, static: StaticMaps, flame_params, use_dynamic: bool = True,
+                noise_mode: str = "const", rng=None):
         """One frame per identity: StaticMaps (batch B, or 1 broadcast to the FLAME batch) and
         flame_params (dict of (B, n): shape, expression, global_pose, neck_pose, jaw_pose,
         eye_pose; missing = zeros) → (rasterizer.Gaussians with N = num_gaussians, aux).
@@ -619,6 +706,10 @@ class RETA3DGenerator:
         With use_dynamic, the static maps are decoded on the posed mesh, their Gaussian positions
         written back at their texels (xyz maps), G_d predicts ΔF and F_d = F + ΔF is decoded;
         without, F itself is decoded (the paper's I_s for L_ID). Never runs the static generator.
+
+        Without G_d (`config.expression_conditioned`, Tab. 1(c)'s baseline rows) the expression
+        conditions G itself: every call reruns G (and G_m, blending) from static.ws and this
+        frame's condition (`synthesize`, with `noise_mode` / `rng`), whatever use_dynamic says.
 
         aux: offset_raw (B, N, 3) raw offsets, scale_raw (B, N, 3), scales (B, N, 3) activated
         scales, means (B, N, 3), face_features / mouth_features (the decoded maps, F_d or F),
@@ -632,6 +723,15 @@ class RETA3DGenerator:
         posed = pose_head(self.flame_model, flame_params, batch, static.face.dtype)
         decode = functools.partial(decode_head, self.head_binding, self.flame_model.faces,
                                    posed=posed, kind=cfg.frame_kind)
+        if cfg.expression_conditioned:
+            condition = expression_condition(flame_params, cfg, batch)
+            framed = self.synthesize(variables, static.ws, noise_mode, rng, condition=condition)
+            gaussians, aux = decode(framed.face, framed.mouth)
+            aux = dict(aux, scales=gaussians.scales, face_features=framed.face,
+                       mouth_features=framed.mouth, delta_face=jnp.zeros_like(framed.face),
+                       delta_mouth=jnp.zeros_like(framed.mouth),
+                       dynamic_applied=jnp.asarray(False))
+            return gaussians, aux
         static_gaussians, static_aux = decode(static.face, static.mouth)
         if use_dynamic:
             face_xyz, mouth_xyz = self.position_maps(static_aux["means"])
@@ -679,8 +779,8 @@ class RETA3DGenerator:
 
     @functools.cached_property
     def jit_animate(self):
-        """jax.jit(animate); use_dynamic is static."""
-        return jax.jit(self.animate, static_argnames=("use_dynamic",))
+        """jax.jit(animate); use_dynamic and noise_mode are static."""
+        return jax.jit(self.animate, static_argnames=("use_dynamic", "noise_mode"))
 
     # -- checks ---------------------------------------------------------------------------------
     def _check_latents(self, z, c):
@@ -719,8 +819,13 @@ def init_networks(networks: RETA3DNetworks, rng: jax.Array):
 
 
 def dynamic_params(variables):
-    """The G_d parameter subtree (what the paper's L_reg^{G_d} = Σ‖w_i‖₂ sums over)."""
-    return variables["params"]["dynamic"]
+    """The G_d parameter subtree (what the paper's L_reg^{G_d} = Σ‖w_i‖₂ sums over).
+    Raises KeyError naming the ablation for a generator built without G_d."""
+    params = variables["params"]
+    if "dynamic" not in params:
+        raise KeyError("these variables have no G_d (a Tab. 1(c) ablation generator with "
+                       "dynamic_module=False)")
+    return params["dynamic"]
 
 
 def count_parameters(tree) -> int:
