@@ -79,6 +79,9 @@ def main(argv):
         z = inference.latents_for_seeds([FLAGS.seed], config.model.z_dim)
         static = inference.generate_static_maps(generator, g_vars, z,
                                                 cameras.conditioning_labels(config, 1), FLAGS.psi)
+    if not FLAGS.use_dynamic and not generator.config.dynamic_module:
+        raise app.UsageError(f"--nouse_dynamic: this generator ({generator.config.ablation_row}, "
+                             "Tab. 1(c)) has no G_d; its Gaussians come from G itself")
     gaussians, _ = generator.jit_animate(g_vars, static, flame, use_dynamic=FLAGS.use_dynamic)
     gaussians = jax.tree_util.tree_map(lambda x: np.asarray(x[0]), gaussians)
     path = ply.write_ply(FLAGS.out, gaussians, sh_degree=FLAGS.sh_degree)

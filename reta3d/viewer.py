@@ -656,8 +656,12 @@ class Viewer:
                                        disabled=r.identity is not None)
             h["psi"] = gui.add_slider("Truncation psi", 0.0, 1.0, 0.05, float(s.psi),
                                       disabled=r.identity is not None)
-            h["gd"] = gui.add_checkbox("G_d (dynamic)", bool(s.use_dynamic),
-                                       hint="The dynamic texture module; off: the static maps only")
+            has_gd = r.generator.config.dynamic_module
+            h["gd"] = gui.add_checkbox(
+                "G_d (dynamic)", bool(s.use_dynamic), disabled=not has_gd,
+                hint="The dynamic texture module; off: the static maps only" if has_gd else
+                f"This generator ({r.generator.config.ablation_row}, Tab. 1c) has no G_d: "
+                "the expression drives G itself")
         with gui.add_folder("Expression"):
             h["jaw"] = gui.add_slider("Jaw opening", 0.0, 0.6, 0.01, float(s.jaw))
             h["expression"] = [gui.add_slider(name.replace("_", " "), -3.0, 3.0, 0.05,

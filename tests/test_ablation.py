@@ -15,7 +15,7 @@ import pytest
 
 from configs import ablation
 from rasterizer.types import look_at_eg3d_label
-from reta3d import flame, train
+from reta3d import binding, flame, train
 from reta3d.networks.generator import (GeneratorConfig, RETA3DGenerator, crop_mouth,
                                        dynamic_params, expression_condition)
 from test_train import make_batches, tiny_config
@@ -25,10 +25,31 @@ ROW_MODULES = {"baseline": {"mapping", "synthesis", "expression_mapping"},
                "gm_gd": {"mapping", "synthesis", "mouth_synthesis", "blend", "dynamic"}}
 
 
+def _as_if_trained(variables, key=7):
+    """The expression MLP's last layer starts at zero (the expression changes nothing at
+    initialisation); give it weights and a bias, as training would, so the checks have power."""
+    params = variables["params"]
+    if "expression_mapping" not in params:
+        return variables
+    em = dict(params["expression_mapping"])
+    keys = jax.random.split(jax.random.PRNGKey(key), len(em))
+    for k, (name, leaf) in zip(keys, sorted(em.items())):
+        if name.endswith(("_kernel", "_bias")):
+            em[name] = jax.random.normal(k, leaf.shape, leaf.dtype)
+    return dict(variables, params=dict(params, expression_mapping=em))
+
+
+def _with_noise(params, strength=0.5):
+    """StyleGAN2's per-layer noise strengths start at 0; non-zero, the noise reaches the maps."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: jnp.full_like(x, strength) if "noise_strength" in jax.tree_util.keystr(path)
+        else x, params)
+
+
 def _generator(mouth_generator, dynamic_module):
     cfg = GeneratorConfig.small(mouth_generator=mouth_generator, dynamic_module=dynamic_module)
     gen = RETA3DGenerator.create(cfg, flame.load())
-    return gen, gen.init(jax.random.PRNGKey(0))
+    return gen, _as_if_trained(gen.init(jax.random.PRNGKey(0)))
 
 
 def _inputs(cfg, batch=2):
@@ -69,9 +90,17 @@ def test_baseline_reruns_the_uv_generator_for_every_frame():
     cfg = gen.config
     z, c, frames = _inputs(cfg)
     static = gen.jit_generate_static(variables, z, c)
-    # generate_static gives the neutral frame's maps; animate at the neutral condition agrees.
+    # generate_static gives the neutral frame's maps (the offset of a zero condition is the
+    # last layer's bias, non-zero here); animate at the neutral condition agrees.
     _, aux0 = gen.jit_animate(variables, static, {"expression": jnp.zeros((2, 10))})
-    np.testing.assert_allclose(aux0["face_features"], static.face, atol=1e-6)
+    np.testing.assert_allclose(aux0["face_features"], static.face, atol=1e-5)
+    bare = gen.networks.apply(variables, static.ws, "const", method=type(gen.networks).synthesize)
+    assert np.abs(np.asarray(bare[0]) - np.asarray(static.face)).max() > 1e-2
+    # At initialisation the expression changes nothing (the MLP's last layer is zero).
+    fresh = gen.init(jax.random.PRNGKey(0))
+    fresh_static = gen.jit_generate_static(fresh, z, c)
+    _, aux_fresh = gen.jit_animate(fresh, fresh_static, frames[0])
+    np.testing.assert_allclose(aux_fresh["face_features"], fresh_static.face, atol=1e-5)
 
     feats = []
     for frame in frames:
@@ -116,14 +145,25 @@ def test_without_mouth_generator_the_mouth_map_is_the_face_crop():
     assert {"mouth_synthesis", "blend"}.isdisjoint(variables["params"])
 
 
-def test_baseline_training_gradient_is_the_plain_gradient_of_eq2():
+def _baseline_setup():
     config = tiny_config()
     config.model.dynamic_module = False
     config.model.mouth_generator = False
     config.loss.lambda_id = 0.1                 # ignored without G_d: there is nothing to train
+    config.train.noise_mode = "random"
     generator = train.build_generator(config)
     discriminator = train.build_discriminator(config)
     state = train.create_train_state(config, generator, discriminator, jax.random.PRNGKey(0))
+    g_vars = _as_if_trained(state.g_vars)
+    g_vars = dict(g_vars, params=_with_noise(g_vars["params"]))
+    return config, generator, discriminator, state.replace(g_vars=g_vars)
+
+
+def test_baseline_training_gradient_is_the_plain_gradient_of_eq2():
+    """The reference renders every fake written out from the generator's parts (mapping,
+    G on ws + MLP(condition) with random noise, decoding on the posed head, the
+    rasterizer), not through the training code's synthesize_static / animate_fakes."""
+    config, generator, discriminator, state = _baseline_setup()
     batch = make_batches(1, 4, config.render.resolution, seed=3)[0]
     flame_params = {k: jnp.asarray(batch[k]) for k in train.FLAME_KEYS}
     cams = jnp.asarray(batch["camera"])
@@ -134,23 +174,29 @@ def test_baseline_training_gradient_is_the_plain_gradient_of_eq2():
                                        scale=config.loss.lambda_scale,
                                        dynamic_weights=config.loss.lambda_gd,
                                        identity=config.loss.lambda_id)
+    fitted = train.fit_flame(flame_params, generator.flame_model)
+    condition = expression_condition(fitted, generator.config, 4)
+    noise_key = jax.random.split(key, 3)[2]      # the noise key of the training forward
 
     def d_logits(images, cameras):
         return discriminator.apply({"params": state.d_vars["params"]}, images, cameras)
 
     def reference(params):
-        out = train.generate_images(config, generator, dict(state.g_vars, params=params), z,
-                                    cams, flame_params, key, train=True, noise_mode="const")
-        aux = out["aux"]
-        adversarial = jnp.mean(jax.nn.softplus(-d_logits(out["images"], cams)))
+        variables = dict(state.g_vars, params=params)
+        ws = generator.map_latents(variables, z, cams)
+        maps = generator.synthesize(variables, ws, "random", rng=noise_key, condition=condition)
+        gaussians, aux = binding.head_gaussians(generator.flame_model, generator.head_binding,
+                                                maps.face, maps.mouth, fitted)
+        images, _ = train.render_images(config, gaussians, cams)
+        adversarial = jnp.mean(jax.nn.softplus(-d_logits(images, cams)))
         offset = jnp.mean(jnp.linalg.norm(aux["offset_raw"], axis=-1))
-        scale = jnp.mean(jnp.linalg.norm(aux["scales"] - gamma_s, axis=-1))
+        scale = jnp.mean(jnp.linalg.norm(gaussians.scales - gamma_s, axis=-1))
         return adversarial + config.loss.lambda_offset * offset + config.loss.lambda_scale * scale
 
     ref_total, ref_grads = jax.jit(jax.value_and_grad(reference))(state.g_vars["params"])
     total, terms, _, _, grads = jax.jit(lambda v: train.generator_gradients(
         config, generator, weights, d_logits, None, v, z, cams, flame_params, key,
-        noise_mode="const"))(state.g_vars)
+        noise_mode="random"))(state.g_vars)
     assert set(terms) == {"adversarial", "offset", "scale"}
     np.testing.assert_allclose(float(total), float(ref_total), rtol=1e-5)
     flat_ref = jax.tree_util.tree_leaves_with_path(ref_grads)
@@ -164,6 +210,34 @@ def test_baseline_training_gradient_is_the_plain_gradient_of_eq2():
     # The expression MLP is trained by it (the frames' expressions reach G through it).
     em = grads["expression_mapping"]
     assert max(float(jnp.abs(g).max()) for g in jax.tree_util.tree_leaves(em)) > 0
+
+
+def test_baseline_train_iteration_runs_and_moves_the_expression_mlp():
+    config, generator, discriminator, state = _baseline_setup()
+    steps = train.make_steps(config, generator, discriminator, None,
+                             devices=jax.local_devices()[:1])
+    batch = {k: v[None] for k, v in make_batches(1, 4, config.render.resolution, seed=4)[0].items()}
+    new, metrics = train.train_iteration(steps, train.replicate(state, jax.local_devices()[:1]),
+                                         batch, 0.9, 0, config.loss.r1_interval)
+    metrics = {k: float(np.asarray(v)[0]) for k, v in metrics.items()}
+    assert "g_identity" not in metrics and "g_dynamic_weights" not in metrics
+    assert all(np.isfinite(v) for v in metrics.values()), metrics
+    new = train.unreplicate(new)
+    moved = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()),
+                                   new.g_vars["params"]["expression_mapping"],
+                                   state.g_vars["params"]["expression_mapping"])
+    assert max(jax.tree_util.tree_leaves(moved)) > 0
+
+
+def test_export_refuses_static_only_without_gd(tmp_path):
+    import subprocess
+    import sys
+    result = subprocess.run(
+        [sys.executable, "experiments/export_ply.py", "--config=configs/ablation.py:baseline,demo",
+         "--random_init", "--nouse_dynamic", f"--out={tmp_path / 'head.ply'}"],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "has no G_d" in result.stderr
+    assert not (tmp_path / "head.ply").exists()
 
 
 def test_ablation_table_reads_each_runs_own_files(tmp_path):
@@ -193,7 +267,7 @@ def test_ablation_table_reads_each_runs_own_files(tmp_path):
     text = (tmp_path / "table.md").read_text()
     assert text == out.stdout
     assert "| **Baseline** (" in text and "| 7.5 | 0.25 | 3.25 |" in text
-    assert "| Baseline (paper, FFHQ) | 512² | 6.8 | 0.1 | 31.5 |" in text
+    assert "| Baseline (paper, FFHQ) | 512² | 6.8 | 0.10 | 31.5 |" in text
     assert "run experiments/evaluate.py --workdir=" + runs["naive"] in text
     with pytest.raises(FileNotFoundError, match="not a training workdir"):
         table.run_row(str(tmp_path))

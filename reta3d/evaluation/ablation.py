@@ -93,7 +93,8 @@ def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:
     lines = ["| row | Res. | FID ↓ | AED ↓ | Dri FPS ↑ | SWD ↓ | device |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, res, fid, aed, fps in PAPER_ROWS:
-        lines.append(f"| {name} (paper, FFHQ) | {res} | {fid} | {aed} | {_cell(fps)} | – | "
+        lines.append(f"| {name} (paper, FFHQ) | {res} | {fid:.1f} | {aed:.2f} | "
+                     f"{'–' if fps is None else f'{fps:.1f}'} | – | "
                      f"{'RTX 2080 Ti' if fps else '–'} |")
     for row in rows:
         name = row_label(row)

@@ -37,9 +37,9 @@ Choices the paper leaves open (documented here, configurable in `GeneratorConfig
   blending ConvNet (the mouth map is the face map's mouth crop, resampled onto the mouth grid,
   so the Gaussians stay the same); `dynamic_module=False` drops G_d, and the expression
   conditions the UV generator instead ("the baseline with a single UV feature generator
-  only"): the G_d condition vector (expression ⊕ jaw) goes through `ExpressionMapping` (an
-  MLP at the mapping network's learning-rate multiplier 0.01) to a w offset added to every
-  ws before G and G_m, so `animate` reruns G (and G_m) for every frame, the paper's reason the
+  only"): the G_d condition vector (expression ⊕ jaw) goes through `ExpressionMapping` (a
+  2-layer MLP, last layer zero at initialisation) to a w offset added to every ws before G
+  and G_m, so `animate` reruns G (and G_m) for every frame, the paper's reason the
   baseline drives slowly. The identity's ws stay expression-free (inversion and
   `StaticMaps.ws` unchanged); `generate_static` returns the maps at the neutral condition.
 - Layers are StyleGAN2-style equalised learning-rate layers (weights stored ~N(0,1), scaled by
@@ -343,22 +343,30 @@ class ExpressionEmbedding(nn.Module):
 class ExpressionMapping(nn.Module):
     """Tab. 1(c) baseline without G_d: FLAME condition (B, condition_dim) → w offset (B, w_dim)
     float32, added to every ws. `num_layers` equalised-lr dense layers (leaky ReLU between,
-    linear last) at the mapping network's lr multiplier, so the offset trains at the speed of w.
-    A zero condition gives the last layer's bias (zero at initialisation)."""
+    linear last), at lr multiplier 1 as G_d's layers. The last layer's weights and bias start
+    at zero (as G_d's last layers): at initialisation the expression changes nothing, rather
+    than shifting the identity along random directions. (At the mapping network's multiplier
+    0.01 a zero-started layer would take ~100x as many steps to grow.)
+    """
 
     w_dim: int
     num_layers: int = 2
-    lr_multiplier: float = 0.01
+    lr_multiplier: float = 1.0
 
     @nn.compact
     def __call__(self, condition):
         chex.assert_rank(condition, 2)
         x = condition.astype(jnp.float32)
-        for i in range(self.num_layers):
-            last = i == self.num_layers - 1
-            x = FullyConnectedLayer(self.w_dim, activation="linear" if last else "lrelu",
+        for i in range(self.num_layers - 1):
+            x = FullyConnectedLayer(self.w_dim, activation="lrelu",
                                     lr_multiplier=self.lr_multiplier, name=f"fc{i}")(x)
-        return x
+        # FullyConnectedLayer's parameterisation (W·lr/sqrt(in), b·lr) with a zero start.
+        last = f"fc{self.num_layers - 1}"
+        kernel = self.param(f"{last}_kernel", _zeros_init, (x.shape[-1], self.w_dim))
+        bias = self.param(f"{last}_bias", _zeros_init, (self.w_dim,))
+        gain = self.lr_multiplier / math.sqrt(x.shape[-1])
+        return (jnp.dot(x, kernel * gain, precision=jax.lax.Precision.HIGHEST)
+                + bias * self.lr_multiplier)
 
 
 class DynamicBranch(nn.Module):
@@ -558,7 +566,8 @@ class StaticMaps:
     """What the static generator computes once per identity.
 
     face  (B, R, R, 14) float32    UV feature map F from G
-    mouth (B, Rm, Rm, 14) float32  blended mouth map (G_m + blending ConvNet)
+    mouth (B, Rm, Rm, 14) float32  blended mouth map (G_m + blending ConvNet; without G_m,
+                                   Tab. 1(c), the face map's mouth crop)
     ws    (B, num_ws, w_dim) float32
     """
 
