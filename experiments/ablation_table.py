@@ -32,11 +32,10 @@ def main(argv):
     rows = [ablation.run_row(run, FLAGS.metrics_file, FLAGS.benchmark_file) for run in FLAGS.runs]
     table = ablation.markdown_table(rows)
     if FLAGS.out:
+        from reta3d import atomic_files
         path = pathlib.Path(FLAGS.out)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(table)
-        tmp.replace(path)
+        atomic_files.write_text(path, table)
     print(table, end="")
 
 

@@ -82,6 +82,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from reta3d import atomic_files
+
 IDENTITY_FORMAT = "reta3d-identity"
 IDENTITY_VERSION = 1
 IDENTITY_FILE = "identity.npz"
@@ -573,24 +575,35 @@ def project(config, generator, g_vars, target: Target, settings: InversionSettin
                                           jnp.float32(noise * noise_unit), jnp.float32(tied),
                                           jax.random.fold_in(rng, i), w_avg, w_std, g_vars,
                                           perceptual.params, image, mask, flame, camera)
-            record = {"phase": "invert", "step": i,
-                      **{k: float(v) for k, v in jax.device_get(terms).items()},
-                      "lr": lr, "noise": noise, "tied": bool(tied),
-                      "elapsed_s": time.perf_counter() - start}
+            record = _log_step("invert", i, terms, start, history, log_file, bar,
+                               lr=lr, noise=noise, tied=bool(tied))
             if i == 0:
                 first = record["elapsed_s"]
-            if not math.isfinite(record["total"]):
-                raise FloatingPointError(f"inversion loss became {record['total']} at step {i}")
-            history.append(record)
-            log_file.write(record)
-            if bar:
-                bar.update(i + 1, f"loss {record['total']:.4f}")
     finally:
         log_file.close()
     seconds = time.perf_counter() - start
     w = np.asarray(w_avg + u * w_std, np.float32)
     ws = np.asarray(_broadcast_ws(generator, jnp.asarray(w)), np.float32)
     return ProjectionResult(w=w, ws=ws, log=history, seconds=seconds, first_step_seconds=first)
+
+
+def _log_step(phase: str, step: int, terms, start: float, history: list, log_file, bar,
+              **extra) -> Dict[str, Any]:
+    """One optimisation step's record: the loss terms (fetched from the device: the loss is
+    checked every step, so a diverging run stops where it diverged), `extra` and the elapsed
+    time; appended to `history`, written to the loss log, shown on the progress bar.
+    Raises FloatingPointError when the total loss is not finite."""
+    record = {"phase": phase, "step": step,
+              **{name: float(v) for name, v in jax.device_get(terms).items()},
+              **extra, "elapsed_s": time.perf_counter() - start}
+    if not math.isfinite(record["total"]):
+        label = "inversion" if phase == "invert" else "PTI"
+        raise FloatingPointError(f"{label} loss became {record['total']} at step {step}")
+    history.append(record)
+    log_file.write(record)
+    if bar:
+        bar.update(step + 1, f"loss {record['total']:.4f}")
+    return record
 
 
 # ------------------------------------------------------------------------------------------
@@ -695,15 +708,8 @@ def pivotal_tuning(config, generator, g_vars, ws: np.ndarray, target: Target,
             train, opt_state, terms = step_fn(train, opt_state, jax.random.fold_in(rng, i), g_vars,
                                               ws, perceptual.params, image, mask, flame, camera,
                                               c_loc, flame_loc, camera_loc)
-            record = {"phase": "pti", "step": i,
-                      **{name: float(v) for name, v in jax.device_get(terms).items()},
-                      "lr": settings.pti_learning_rate, "elapsed_s": time.perf_counter() - start}
-            if not math.isfinite(record["total"]):
-                raise FloatingPointError(f"PTI loss became {record['total']} at step {i}")
-            history.append(record)
-            log_file.write(record)
-            if bar:
-                bar.update(i + 1, f"loss {record['total']:.4f}")
+            _log_step("pti", i, terms, start, history, log_file, bar,
+                      lr=settings.pti_learning_rate)
     finally:
         log_file.close()
     return TuningResult(jax.device_get(train), history, time.perf_counter() - start)
@@ -769,19 +775,6 @@ def with_identity_shape(flame: Mapping[str, Any], shape: np.ndarray) -> Dict[str
     return out
 
 
-def _atomic_save_npz(path: pathlib.Path, arrays: Mapping[str, np.ndarray]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        np.savez(handle, **arrays)
-    os.replace(tmp, path)
-
-
-def _atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def write_identity(path, *, ws: np.ndarray, w: np.ndarray, space: str, static, flame,
                    camera: np.ndarray, fingerprint: str, tuned: Optional[Any] = None,
                    metadata: Optional[Mapping[str, Any]] = None) -> pathlib.Path:
@@ -803,13 +796,13 @@ def write_identity(path, *, ws: np.ndarray, w: np.ndarray, space: str, static, f
     if tuned is not None:
         data = serialization.msgpack_serialize(jax.tree_util.tree_map(np.asarray, dict(tuned)))
         tuned_path = path.parent / TUNED_PARAMS_FILE
-        _atomic_write_bytes(tuned_path, data)
+        atomic_files.write_bytes(tuned_path, data)
         arrays["tuned_params"] = np.asarray(TUNED_PARAMS_FILE)
         arrays["tuned_sha256"] = np.asarray(hashlib.sha256(data).hexdigest())
     else:
         arrays["tuned_params"] = np.asarray("")
         arrays["tuned_sha256"] = np.asarray("")
-    _atomic_save_npz(path, arrays)
+    atomic_files.save_npz(path, arrays)
     return path
 
 
@@ -960,7 +953,7 @@ def _png(path: pathlib.Path, image: np.ndarray) -> None:
 
 
 def _json(path: pathlib.Path, content: Mapping[str, Any]) -> None:
-    _atomic_write_bytes(path, (json.dumps(content, indent=2, allow_nan=False) + "\n").encode())
+    atomic_files.write_bytes(path, (json.dumps(content, indent=2, allow_nan=False) + "\n").encode())
 
 
 def render_identity_views(config, generator, g_vars, static, flame, labels: np.ndarray

@@ -391,15 +391,12 @@ def _gradients_without_gd(config, generator, render_terms, g_vars, z, cameras, f
     Returns what `generator_gradients` returns."""
 
     def loss(params):
-        variables = dict(g_vars, params=params)
-        static, mapping_state = synthesize_static(
-            config, generator, variables, z, cameras, rng, train=True,
-            style_mixing_prob=style_mixing_prob, noise_mode=noise_mode, cond_cameras=cond_cameras)
-        gaussians, aux = animate_fakes(generator, variables, static, flame, rng, train=True,
-                                       noise_mode=noise_mode)
-        images, overflow = render_images(config, gaussians, cameras)
-        total, terms = render_terms((images, aux["offset_raw"], aux["scales"]))
-        return total, (terms, mapping_state, overflow)
+        out = generate_images(config, generator, dict(g_vars, params=params), z, cameras, flame,
+                              rng, train=True, style_mixing_prob=style_mixing_prob,
+                              noise_mode=noise_mode, cond_cameras=cond_cameras)
+        aux = out["aux"]
+        total, terms = render_terms((out["images"], aux["offset_raw"], aux["scales"]))
+        return total, (terms, out["mapping_state"], out["overflow"])
 
     (total, (terms, mapping_state, overflow)), grads = jax.value_and_grad(loss, has_aux=True)(
         g_vars["params"])

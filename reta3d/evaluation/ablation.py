@@ -14,6 +14,8 @@ import math
 import pathlib
 from typing import Any, Dict, List, Optional, Sequence
 
+from reta3d.networks.generator import ablation_row_name
+
 # Tab. 1(c) of the paper: (row, resolution, FID, AED, Dri FPS on one RTX 2080 Ti).
 PAPER_ROWS = (
     ("Global offset", "256²", 9.8, 0.15, None),
@@ -25,8 +27,6 @@ PAPER_ROWS = (
 )
 FRAME_ROW_NAMES = {"global": "Global offset", "naive": "Naive local",
                    "consecutive": "Consecutive local (ours)"}
-MODULE_ROW_NAMES = {(False, False): "Baseline", (True, False): "+ G_m", (True, True): "+ G_m + G_d",
-                    (False, True): "+ G_d"}
 
 
 def _read_json(path: pathlib.Path) -> Optional[Dict[str, Any]]:
@@ -49,10 +49,10 @@ def run_row(run: str, metrics_file: str = "eval/metrics.json",
         raise FileNotFoundError(f"{root / 'config.json'} not found: {run} is not a training "
                                 "workdir (launch.py --config=configs/ablation.py:ROW --workdir=...)")
     model, head = config.get("model", {}), config.get("head", {})
-    modules = (bool(model.get("mouth_generator", True)), bool(model.get("dynamic_module", True)))
     kind = head.get("frame_kind", "consecutive")
     row = {"run": str(run), "resolution": f"{config.get('render', {}).get('resolution')}²",
-           "generation_modules": MODULE_ROW_NAMES[modules],
+           "generation_modules": ablation_row_name(model.get("mouth_generator", True),
+                                                   model.get("dynamic_module", True)),
            "frame_kind": FRAME_ROW_NAMES.get(kind, kind), "notes": []}
     metrics = _read_json(root / metrics_file)
     if metrics is None:

@@ -391,7 +391,7 @@ def layers_of(variables: Mapping) -> tuple[int, ...]:
 
 def read_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """An arcface_torch backbone.pth (a state dict, possibly with a "module." prefix or nested
-    under "state_dict") → {name: float32 numpy}. Needs torch."""
+    under "state_dict"; needs torch) or its .npz conversion → {name: float32 numpy}."""
     from reta3d.networks.convert import load_state_dict_file
     path = os.fspath(path)
     try:
@@ -414,15 +414,7 @@ def load_arcface_params(path: str | os.PathLike) -> dict:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"ArcFace weights not found: {path!r}. {WEIGHTS_HINT}")
-    if path.endswith(".npz"):
-        try:
-            with np.load(path, allow_pickle=False) as archive:
-                state = {name: archive[name] for name in archive.files}
-        except Exception as error:
-            raise ValueError(f"{path}: cannot read as an ArcFace .npz "
-                             f"({type(error).__name__}: {error})") from error
-    else:
-        state = read_torch_state_dict(path)
+    state = read_torch_state_dict(path)
     return params_from_state_dict(state, source=path)
 
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import pathlib
 import time
 from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 
+from reta3d import atomic_files
 from reta3d.evaluation import protocol
 
 METRICS = ("fid", "kid", "id", "aed", "apd", "swd")
@@ -39,12 +39,6 @@ ARCFACE_HINT = (
     "model zoo; IResNet-50 or -100): pass --arcface=backbone.pth or its conversion by "
     "experiments/convert_arcface.py; without it ID is measured with dlib's face descriptor "
     "(reported under that name)")
-
-
-def _atomic_write(path: pathlib.Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _render_fn(config, generator, resolution: int):
@@ -285,8 +279,8 @@ def evaluate(config, generator, g_vars, source, out, *, metrics: Sequence[str] =
                            "face_resolution": face_resolution, "seed": seed,
                            "id_alignment": id_alignment,
                            "inception": inception, "arcface": arcface}}
-    _atomic_write(out / "metrics.json", json.dumps(report, indent=2, allow_nan=True))
-    _atomic_write(out / "metrics.md", markdown_table(report))
+    atomic_files.write_text(out / "metrics.json", json.dumps(report, indent=2, allow_nan=True))
+    atomic_files.write_text(out / "metrics.md", markdown_table(report))
     return report
 
 
@@ -296,8 +290,6 @@ def export_aed_images(folder, render, g_vars, z, conditions, drive_expression, d
     (expression (N, E), pose (N, 6): head rotation relative to the camera from the frontal pose
     as axis-angle, then jaw axis-angle; camera (N, 25)) for an outside estimator. Its results
     come back through `load_estimates` (same row order)."""
-    from PIL import Image
-
     from reta3d.fitting.preprocess import Progress
     folder = pathlib.Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
@@ -308,15 +300,11 @@ def export_aed_images(folder, render, g_vars, z, conditions, drive_expression, d
         if not all((folder / "images" / f"{i:06d}.png").exists() for i in range(start, stop)):
             images = _generate(render, g_vars, z, conditions, start, stop, batch)
             for i, image in zip(range(start, stop), images):
-                path = folder / "images" / f"{i:06d}.png"
-                tmp = path.with_name(f".{path.name}.tmp.png")
-                Image.fromarray(image).save(tmp)
-                os.replace(tmp, path)
+                atomic_files.save_png(folder / "images" / f"{i:06d}.png", image)
         if bar:
             bar.update(stop)
-    tmp = folder / ".driving.tmp.npz"
-    np.savez(tmp, expression=drive_expression, pose=drive_pose, camera=conditions["camera"])
-    os.replace(tmp, folder / "driving.npz")
+    atomic_files.save_npz(folder / "driving.npz", {
+        "expression": drive_expression, "pose": drive_pose, "camera": conditions["camera"]})
 
 
 def load_estimates(path, total: int, num_expression: int) -> "protocol.Estimates":

@@ -429,20 +429,13 @@ def inception_variables_from_state_dict(state_dict: Mapping[str, Any],
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Reads the tensors of an Inception `.pth` (torch.load, weights_only=True) or `.npz`.
 
-    Returns {name: numpy array} as stored (no renaming or checks). Raises FileNotFoundError
+    Returns {name: numpy array}, floating ones as float32 (no renaming or checks). Raises FileNotFoundError
     with `WEIGHTS_HINT` for a missing file, ImportError for a .pth without torch installed
     (saying to convert it elsewhere), ValueError naming the file when it cannot be read.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"FID Inception weights not found: {path!r}. {WEIGHTS_HINT}")
-    if path.endswith(".npz"):
-        try:
-            with np.load(path, allow_pickle=False) as archive:
-                return {name: archive[name] for name in archive.files}
-        except Exception as error:  # zip / format errors all mean "not a usable .npz"
-            raise ValueError(f"{path}: cannot read as an Inception .npz "
-                             f"({type(error).__name__}: {error})") from error
     from reta3d.networks.convert import load_state_dict_file
     try:
         state_dict, _ = load_state_dict_file(path)

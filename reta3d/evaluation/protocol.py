@@ -28,12 +28,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import pathlib
 from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 from scipy.spatial.transform import Rotation
+
+from reta3d import atomic_files
 
 FLAME_KEYS = ("shape", "expression", "global_pose", "neck_pose", "jaw_pose", "eye_pose")
 
@@ -65,10 +66,7 @@ class ChunkCache:
             return {k: data[k] for k in data.files}
 
     def put(self, index: int, arrays: Dict[str, np.ndarray]) -> None:
-        path = self.path(index)
-        tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npz")
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
+        atomic_files.save_npz(self.path(index), arrays)
 
 
 def key_hash(value: Any) -> str:

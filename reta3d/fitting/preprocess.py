@@ -38,6 +38,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from reta3d import atomic_files
 from reta3d.fitting import crop as crop_lib
 from reta3d.fitting import fit as fit_lib
 
@@ -71,22 +72,6 @@ def reference_points(model, embedding) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------ small helpers
-def _atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: pathlib.Path, text: str) -> None:
-    _atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def _save_png(path: pathlib.Path, image: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    Image.fromarray(image, "RGB").save(tmp, format="PNG")
-    os.replace(tmp, path)
-
-
 def interocular_distance(landmarks68) -> np.ndarray:
     """(..., 68, 2) → (...,) distance between the two eye centres (means of 36-41, 42-47)."""
     lm = np.asarray(landmarks68, np.float64)
@@ -170,7 +155,7 @@ def _check_settings(out: pathlib.Path, settings: Dict[str, Any]) -> None:
             raise ValueError(f"{out} was started with other settings {changed} (was, now); "
                              "use a new --out folder or the same settings to resume")
     else:
-        _atomic_write_text(path, json.dumps(settings, indent=2))
+        atomic_files.write_text(path, json.dumps(settings, indent=2))
 
 
 # ------------------------------------------------------------------------------ overlays
@@ -395,7 +380,7 @@ def preprocess_folder(images_dir, out_dir, resolution: int = DEFAULT_RESOLUTION,
         entries = []
         for i, item in enumerate(pending):
             name = item.entry["name"]
-            _save_png(out / name, item.crop)
+            atomic_files.save_png(out / name, item.crop)
             iod = float(interocular_distance(item.landmarks))
             error = float(fit.reprojection_error_px[i])
             entry = dict(item.entry, label=[float(v) for v in fit.labels[i]],
@@ -476,12 +461,12 @@ def write_outputs(out: pathlib.Path, entries: Sequence[Dict[str, Any]], num_inpu
                "out": str(out)}
     report = {"summary": summary, "files": [
         {k: v for k, v in e.items() if k not in ("label", "flame")} for e in entries]}
-    _atomic_write_text(out / REPORT_FILE, json.dumps(report, indent=1, allow_nan=False))
+    atomic_files.write_text(out / REPORT_FILE, json.dumps(report, indent=1, allow_nan=False))
     if not written:
         return summary
-    _atomic_write_text(out / folder_lib.LABELS_FILE, folder_lib._json_lines(
+    atomic_files.write_text(out / folder_lib.LABELS_FILE, folder_lib._json_lines(
         "labels", [[e["name"], e["label"]] for e in written]))
-    _atomic_write_text(out / folder_lib.FLAME_FILE, folder_lib._json_lines(
+    atomic_files.write_text(out / folder_lib.FLAME_FILE, folder_lib._json_lines(
         "flame", [[e["name"], e["flame"]] for e in written]))
     folder_lib.validate_folder(out)
     return summary

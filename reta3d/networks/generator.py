@@ -70,6 +70,13 @@ FRAME_KINDS = ("consecutive", "naive", "global")
 # Configuration
 # --------------------------------------------------------------------------------------------
 
+def ablation_row_name(mouth_generator: bool, dynamic_module: bool) -> str:
+    """Tab. 1(c)'s name for a generator with / without G_m and G_d: "Baseline", "+ G_m",
+    "+ G_m + G_d" (the paper's model) or "+ G_d" (not in the table)."""
+    return {(False, False): "Baseline", (True, False): "+ G_m", (True, True): "+ G_m + G_d",
+            (False, True): "+ G_d"}[(bool(mouth_generator), bool(dynamic_module))]
+
+
 @dataclasses.dataclass(frozen=True)
 class GeneratorConfig:
     """Hyper-parameters of the whole generator. Defaults are the paper's sizes.
@@ -162,10 +169,8 @@ class GeneratorConfig:
 
     @property
     def ablation_row(self) -> str:
-        """Tab. 1(c)'s name for this generator: "Baseline", "+ G_m", "+ G_m + G_d" (the paper's
-        model) or "+ G_d" (not in the table)."""
-        return {(False, False): "Baseline", (True, False): "+ G_m", (True, True): "+ G_m + G_d",
-                (False, True): "+ G_d"}[(self.mouth_generator, self.dynamic_module)]
+        """Tab. 1(c)'s name for this generator (`ablation_row_name`)."""
+        return ablation_row_name(self.mouth_generator, self.dynamic_module)
 
     @property
     def compute_dtype(self):
@@ -732,29 +737,27 @@ class RETA3DGenerator:
         posed = pose_head(self.flame_model, flame_params, batch, static.face.dtype)
         decode = functools.partial(decode_head, self.head_binding, self.flame_model.faces,
                                    posed=posed, kind=cfg.frame_kind)
-        if cfg.expression_conditioned:
+        applied = bool(use_dynamic) and not cfg.expression_conditioned
+        if cfg.expression_conditioned:   # Tab. 1(c) without G_d: G itself sees the expression
             condition = expression_condition(flame_params, cfg, batch)
             framed = self.synthesize(variables, static.ws, noise_mode, rng, condition=condition)
-            gaussians, aux = decode(framed.face, framed.mouth)
-            aux = dict(aux, scales=gaussians.scales, face_features=framed.face,
-                       mouth_features=framed.mouth, delta_face=jnp.zeros_like(framed.face),
-                       delta_mouth=jnp.zeros_like(framed.mouth),
-                       dynamic_applied=jnp.asarray(False))
-            return gaussians, aux
-        static_gaussians, static_aux = decode(static.face, static.mouth)
-        if use_dynamic:
+            face, mouth = framed.face, framed.mouth
+            gaussians, aux = decode(face, mouth)
+        elif applied:
+            _, static_aux = decode(static.face, static.mouth)
             face_xyz, mouth_xyz = self.position_maps(static_aux["means"])
             condition = expression_condition(flame_params, cfg, batch)
             delta_face, delta_mouth = self.dynamic_residual(variables, static, face_xyz, mouth_xyz, condition)
             face, mouth = static.face + delta_face, static.mouth + delta_mouth
             gaussians, aux = decode(face, mouth)
         else:
-            gaussians, aux = static_gaussians, static_aux
             face, mouth = static.face, static.mouth
+            gaussians, aux = decode(face, mouth)
+        if not applied:
             delta_face, delta_mouth = jnp.zeros_like(face), jnp.zeros_like(mouth)
         aux = dict(aux, scales=gaussians.scales, face_features=face, mouth_features=mouth,
                    delta_face=delta_face, delta_mouth=delta_mouth,
-                   dynamic_applied=jnp.asarray(bool(use_dynamic)))
+                   dynamic_applied=jnp.asarray(applied))
         return gaussians, aux
 
     def position_maps(self, means):

@@ -1,0 +1,46 @@
+"""Files written atomically: to a temporary name beside the target, then renamed over it, so an
+interrupted job leaves the old file or the new one, never a truncated one (the contract of every
+long job here: nothing already written is lost)."""
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Callable, Mapping
+
+import numpy as np
+
+
+def _write_via(path, write: Callable[[pathlib.Path], None]) -> pathlib.Path:
+    path = pathlib.Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def write_bytes(path, data: bytes) -> pathlib.Path:
+    """Writes `data` to `path` atomically; returns the path."""
+    return _write_via(path, lambda tmp: tmp.write_bytes(data))
+
+
+def write_text(path, text: str) -> pathlib.Path:
+    """Writes `text` (UTF-8) to `path` atomically; returns the path."""
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def save_npz(path, arrays: Mapping[str, np.ndarray]) -> pathlib.Path:
+    """np.savez of `arrays` to `path` (the name kept as given) atomically; returns the path."""
+    def write(tmp):
+        with open(tmp, "wb") as handle:   # a file object keeps np.savez from appending ".npz"
+            np.savez(handle, **arrays)
+    return _write_via(path, write)
+
+
+def save_png(path, image: np.ndarray) -> pathlib.Path:
+    """An (H, W, 3) or (H, W) uint8 image as PNG at `path`, atomically; returns the path."""
+    from PIL import Image
+    return _write_via(path, lambda tmp: Image.fromarray(np.asarray(image)).save(tmp, format="PNG"))
