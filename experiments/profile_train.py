@@ -108,7 +108,8 @@ def profile(config, repeats):
                                                 res, res))(gaussians)
     capacity = binning.default_capacity(generator.num_gaussians, res, res)
     bin_fn = jax.jit(lambda p: binning.bin_gaussians(p.means2d, p.depths, p.radii, res, res,
-                                                     capacity))
+                                                     capacity, conics=p.conics,
+                                                     opacities=gaussians.opacities))
     ms["render_binning_sort"] = _time(bin_fn, proj, repeats=repeats)
     bins = bin_fn(proj)
     out["intersections_per_image"] = float(np.mean(

@@ -8,6 +8,6 @@ only when selected.
 from rasterizer.types import Camera, Gaussians, look_at_eg3d_label
 # Importing the submodule first binds the package attribute `render` to the module; the
 # from-import then rebinds it to the function, which is what `rasterizer.render(...)` means.
-from rasterizer.render import RenderOutput, render
+from rasterizer.render import RenderOutput, render, render_pair
 
-__all__ = ["Camera", "Gaussians", "look_at_eg3d_label", "render", "RenderOutput"]
+__all__ = ["Camera", "Gaussians", "look_at_eg3d_label", "render", "render_pair", "RenderOutput"]

@@ -15,6 +15,15 @@ Static shapes throughout (jit-friendly, no host round trip):
    `lax.sort` on (tile_id, depth_rank) is used instead; same order, just slower.
 4. Per-tile [start, end) from `searchsorted` on the sorted keys.
 
+With the conics and opacities given (as `render` does), step 2's slots are also culled
+exactly: a (Gaussian, tile) pair is dropped when o exp(power) < 1/255 at every point of the
+rectangle spanned by the tile's pixel centres (`tile_alpha_bound`), i.e. where the compositor
+would skip the Gaussian at all 256 pixels anyway. Outputs and gradients are unchanged (up to
+float rounding of the chunked products); the compositor's work shrinks by the culled share
+(about a quarter for a trained demo head, half at initialisation). The test is the tile-level
+"exact intersection" of gsplat/Speedy-Splat, against the square bounding box of the 3-sigma
+radius alone.
+
 Intersections beyond K are dropped and counted in `overflow` (never silently).
 """
 from __future__ import annotations
@@ -72,6 +81,46 @@ def tile_rectangles(means2d: jax.Array, radii: jax.Array, width: int, height: in
     x1 = jnp.where(valid, jnp.maximum(x1, x0), x0)
     y1 = jnp.where(valid, jnp.maximum(y1, y0), y0)
     return x0, x1, y0, y1
+
+
+def tile_alpha_bound(means2d, conics, opacities, tile_x, tile_y, width, height):
+    """log of the largest o exp(power) over a tile's pixel-centre rectangle, (...) float.
+
+    means2d (..., 2), conics (..., 3) = (a, b, c) with power = -0.5 (a dx^2 + c dy^2) - b dx dy,
+    opacities (...), tile_x, tile_y (...) int tile coordinates. The quadratic form q = -2 power
+    is convex (a, c > 0, ac > b^2 for projected Gaussians), so its minimum over the rectangle
+    is 0 when the mean lies inside, else on the boundary: on each edge a 1D quadratic whose
+    minimiser (-b dx / c on a vertical edge, -b dy / a on a horizontal one) is clamped to the
+    edge. Pixel centres lie inside the rectangle, so the bound is never below the compositor's
+    largest alpha in that tile (the cull is conservative).
+    """
+    dtype = means2d.dtype
+    half = 0.5
+    x_lo = (tile_x * TILE_SIZE).astype(dtype) + half
+    y_lo = (tile_y * TILE_SIZE).astype(dtype) + half
+    x_hi = jnp.minimum(x_lo + (TILE_SIZE - 1), width - half)
+    y_hi = jnp.minimum(y_lo + (TILE_SIZE - 1), height - half)
+    dx_lo, dx_hi = x_lo - means2d[..., 0], x_hi - means2d[..., 0]
+    dy_lo, dy_hi = y_lo - means2d[..., 1], y_hi - means2d[..., 1]
+    a, b, c = conics[..., 0], conics[..., 1], conics[..., 2]
+    # Degenerate conics only belong to culled Gaussians (radius 0, no slots); keep them finite.
+    a_safe = jnp.where(a > 0, a, 1.0)
+    c_safe = jnp.where(c > 0, c, 1.0)
+
+    def form(dx, dy):
+        return a * dx * dx + 2.0 * b * dx * dy + c * dy * dy
+
+    def on_vertical(dx):
+        return form(dx, jnp.clip(-b * dx / c_safe, dy_lo, dy_hi))
+
+    def on_horizontal(dy):
+        return form(jnp.clip(-b * dy / a_safe, dx_lo, dx_hi), dy)
+
+    edges = jnp.minimum(jnp.minimum(on_vertical(dx_lo), on_vertical(dx_hi)),
+                        jnp.minimum(on_horizontal(dy_lo), on_horizontal(dy_hi)))
+    inside = (dx_lo <= 0) & (dx_hi >= 0) & (dy_lo <= 0) & (dy_hi >= 0)
+    q_min = jnp.where(inside, 0.0, jnp.maximum(edges, 0.0))
+    return jnp.log(jnp.maximum(opacities, 0.0)) - 0.5 * q_min
 
 
 def saturating_cumsum(values: jax.Array, limit: int = _INT32_MAX) -> jax.Array:
@@ -141,8 +190,15 @@ def depth_ranks(depths: jax.Array, valid: jax.Array, max_tie_rounds: int = 16):
     return (rank.reshape(batch, num) - image_offset, order.reshape(batch, num) - image_offset)
 
 
-def _bin_one(means2d, radii, rank, order, width, height, capacity, packed_keys):
-    """One image's binning (rank, order from `depth_ranks`)."""
+# Slack of the cull in log-alpha: float32 rounding of q (|q| < 2 ln 255 where it matters) is
+# ~1e-6, so nothing the compositor would composite is ever dropped.
+_CULL_SLACK = 1e-3
+
+
+def _bin_one(means2d, radii, rank, order, conics, opacities, width, height, capacity,
+             packed_keys):
+    """One image's binning (rank, order from `depth_ranks`; conics, opacities None = no
+    per-tile cull)."""
     num = means2d.shape[0]
     tiles_x, tiles_y = tile_grid(width, height)
     num_tiles = tiles_x * tiles_y
@@ -167,11 +223,15 @@ def _bin_one(means2d, radii, rank, order, width, height, capacity, packed_keys):
     tile = ((y0[owner] + local // width_of_owner) * tiles_x
             + x0[owner] + local % width_of_owner)
     used = slots < total
+    if conics is not None:
+        bound = tile_alpha_bound(means2d[owner], conics[owner], opacities[owner],
+                                 tile % tiles_x, tile // tiles_x, width, height)
+        used = used & (bound >= math.log(1.0 / 255.0) - _CULL_SLACK)
 
     owner_rank = rank[owner]
 
     rank_bits = max(1, (num - 1).bit_length())
-    num_used = jnp.minimum(total, capacity)
+    num_used = jnp.sum(used, dtype=jnp.int32)
     if packed_keys:
         keys = (tile.astype(jnp.uint32) << rank_bits) | owner_rank.astype(jnp.uint32)
         keys = jnp.where(used, keys, jnp.uint32(_PADDING_KEY))
@@ -194,7 +254,9 @@ def _bin_one(means2d, radii, rank, order, width, height, capacity, packed_keys):
 
 
 def bin_gaussians(means2d: jax.Array, depths: jax.Array, radii: jax.Array, width: int,
-                  height: int, capacity: int, packed_keys: Optional[bool] = None) -> Bins:
+                  height: int, capacity: int, packed_keys: Optional[bool] = None,
+                  conics: Optional[jax.Array] = None,
+                  opacities: Optional[jax.Array] = None) -> Bins:
     """Bins B images' Gaussians into 16x16 tiles.
 
     means2d (B, N, 2) float, depths (B, N) float (> 0 where radii > 0; ordered as float32),
@@ -202,6 +264,10 @@ def bin_gaussians(means2d: jax.Array, depths: jax.Array, radii: jax.Array, width
     width, height, capacity (K >= 1) static ints -> `Bins`. Not differentiable (integer output).
     packed_keys: None = the uint32-key sort whenever T * 2^rank_bits < 2^32, else the two-key
     sort; True/False force one (tests compare both).
+    conics (B, N, 3), opacities (B, N): both or neither; given, (Gaussian, tile) pairs whose
+    alpha stays below 1/255 over the whole tile are culled (`tile_alpha_bound`). The capacity
+    K still counts every slot of the 3-sigma rectangles (the cull runs after enumeration), so
+    `overflow` is the same with or without it.
     """
     chex.assert_rank([means2d, depths, radii], [3, 2, 2])
     batch, num = means2d.shape[:2]
@@ -214,11 +280,19 @@ def bin_gaussians(means2d: jax.Array, depths: jax.Array, radii: jax.Array, width
     tiles_x, tiles_y = tile_grid(width, height)
     if packed_keys is None:
         packed_keys = (tiles_x * tiles_y) << max(1, (num - 1).bit_length()) < 2**32
+    if (conics is None) != (opacities is None):
+        raise ValueError("bin_gaussians: pass both conics and opacities (tile cull) or neither")
+    if conics is not None:
+        chex.assert_shape(conics, (batch, num, 3))
+        chex.assert_shape(opacities, (batch, num))
+        conics, opacities = lax.stop_gradient(conics), lax.stop_gradient(opacities)
     means2d, depths = lax.stop_gradient(means2d), lax.stop_gradient(depths)
     rank, order = depth_ranks(depths, radii > 0)
     ids, ranges, overflow = jax.vmap(
-        lambda m, r, rk, o: _bin_one(m, r, rk, o, width, height, int(capacity), packed_keys))(
-        means2d, radii, rank, order)
+        lambda m, r, rk, o, cn, op: _bin_one(m, r, rk, o, cn, op, width, height, int(capacity),
+                                             packed_keys),
+        in_axes=(0, 0, 0, 0, None if conics is None else 0, None if conics is None else 0))(
+        means2d, radii, rank, order, conics, opacities)
     return Bins(gaussian_ids=ids, tile_ranges=ranges, overflow=overflow)
 
 

@@ -250,10 +250,13 @@ def _composite_fwd(means2d, conics, opacities, colors, depths, background, gauss
     return outputs, residuals
 
 
-def _composite_bwd(width, height, residuals, cotangents):
+def _backward(width, height, residuals, cotangent_sets):
+    """The reverse sweep for one or more cotangent sets (g_color, g_alpha, g_depth) at once:
+    the alphas, transmittances and weights are recomputed once per chunk and shared, only the
+    cotangent-dependent products are repeated. Returns one gradient tuple (means2d, conics,
+    opacities, colors, depths, background) per set."""
     (means2d, conics, opacities, colors, depths, background, gaussian_ids, tile_ranges,
      trans_final, last) = residuals
-    g_color, g_alpha, g_depth = cotangents
     batch, num = opacities.shape
     channels, dtype = colors.shape[-1], means2d.dtype
     tiles_x, tiles_y = tile_grid(width, height)
@@ -263,29 +266,30 @@ def _composite_bwd(width, height, residuals, cotangents):
     f_means, f_conics, f_opac, f_colors, f_depths, ids, ranges = _flatten(
         means2d, conics, opacities, colors, depths, gaussian_ids, tile_ranges)
     suffix_exclusive = _triangular(dtype)
-
-    g_color_t = _image_to_tiles(g_color.astype(dtype), width, height)
-    g_alpha_t = _image_to_tiles(g_alpha.astype(dtype), width, height)
-    g_depth_t = _image_to_tiles(g_depth.astype(dtype), width, height)
     tile_background = jnp.repeat(background, num_tiles, axis=0)
-    grad_background = jnp.sum(
-        (g_color_t * trans_final[:, :, None]).reshape(batch, -1, channels), axis=1)
+
+    per_set, behind, grad_backgrounds = [], [], []
+    for g_color, g_alpha, g_depth in cotangent_sets:
+        g_color_t = _image_to_tiles(g_color.astype(dtype), width, height)
+        g_alpha_t = _image_to_tiles(g_alpha.astype(dtype), width, height)
+        g_depth_t = _image_to_tiles(g_depth.astype(dtype), width, height)
+        per_set.append((g_color_t, g_depth_t))
+        grad_backgrounds.append(jnp.sum(
+            (g_color_t * trans_final[:, :, None]).reshape(batch, -1, channels), axis=1))
+        # Everything behind the current position, weighted by the cotangents: the background
+        # term and 1 - T_final's alpha term start it.
+        behind.append(trans_final * (jnp.einsum("tpc,tc->tp", g_color_t, tile_background,
+                                                precision=_HIGHEST) - g_alpha_t))
 
     # Walk back from the chunk holding each tile's last composited Gaussian.
     last_in_tile = jnp.max(last, -1)
     num_chunks = jnp.where(last_in_tile >= ranges[:, 0],
                            (last_in_tile - ranges[:, 0]) // CHUNK_SIZE + 1, 0)
-    state = dict(
-        chunks_left=num_chunks,
-        trans=trans_final,
-        # Everything behind the current position, weighted by the cotangents: the background
-        # term and 1 - T_final's alpha term start it.
-        behind=trans_final * (jnp.einsum("tpc,tc->tp", g_color_t, tile_background,
-                                         precision=_HIGHEST) - g_alpha_t),
-        means2d=jnp.zeros_like(f_means), conics=jnp.zeros_like(f_conics),
-        opacities=jnp.zeros_like(f_opac), colors=jnp.zeros_like(f_colors),
-        depths=jnp.zeros_like(f_depths),
-    )
+    zeros = dict(means2d=jnp.zeros_like(f_means), conics=jnp.zeros_like(f_conics),
+                 opacities=jnp.zeros_like(f_opac), colors=jnp.zeros_like(f_colors),
+                 depths=jnp.zeros_like(f_depths))
+    state = dict(chunks_left=num_chunks, trans=trans_final, behind=tuple(behind),
+                 grads=tuple(dict(zeros) for _ in cotangent_sets))
 
     def body(state):
         chunks_left, tiles = lax.top_k(state["chunks_left"], step)
@@ -303,45 +307,79 @@ def _composite_bwd(width, height, residuals, cotangents):
         suffix_keep = jnp.flip(jnp.cumprod(jnp.flip(keep, -1), axis=-1), -1)
         before = state["trans"][tiles][:, :, None] / suffix_keep
         weight = jnp.where(composited, alpha * before, 0.0)
-
-        gc, gd = g_color_t[tiles], g_depth_t[tiles]
-        value = (jnp.einsum("gpc,gsc->gps", gc, color, precision=_HIGHEST)
-                 + gd[:, :, None] * depth[:, None, :])
-        weighted = weight * value
-        behind = state["behind"][tiles][:, :, None] + jnp.matmul(
-            weighted, suffix_exclusive, precision=_HIGHEST)
-        grad_alpha = jnp.where(composited, before * value - behind / keep, 0.0)
-        grad_raw = jnp.where(composited & (raw <= ALPHA_MAX), grad_alpha, 0.0)
-        grad_power = grad_raw * raw
+        unclamped = composited & (raw <= ALPHA_MAX)
         a, b, c = (conic[:, None, :, k] for k in range(3))
-        grad_mean = stack_last([jnp.sum(grad_power * (a * dx + b * dy), 1),
-                                jnp.sum(grad_power * (b * dx + c * dy), 1)])
-        grad_conic = stack_last([jnp.sum(grad_power * (-0.5 * dx * dx), 1),
-                                 jnp.sum(grad_power * (-dx * dy), 1),
-                                 jnp.sum(grad_power * (-0.5 * dy * dy), 1)])
-        grad_opac = jnp.sum(grad_raw * gauss, 1)
-        grad_color = jnp.einsum("gps,gpc->gsc", weight, gc, precision=_HIGHEST)
-        grad_depth = jnp.einsum("gps,gp->gs", weight, gd, precision=_HIGHEST)
 
-        def add(name, grad):
-            return state[name].at[gid].add(grad)
+        def put(array, value):
+            return array.at[tiles].set(value, unique_indices=True)
 
-        def put(name, value):
-            return state[name].at[tiles].set(value, unique_indices=True)
+        new_behind, new_grads = [], []
+        for (g_color_t, g_depth_t), behind_all, grads in zip(per_set, state["behind"],
+                                                             state["grads"]):
+            gc, gd = g_color_t[tiles], g_depth_t[tiles]
+            value = (jnp.einsum("gpc,gsc->gps", gc, color, precision=_HIGHEST)
+                     + gd[:, :, None] * depth[:, None, :])
+            weighted = weight * value
+            behind_tiles = behind_all[tiles]
+            behind_k = behind_tiles[:, :, None] + jnp.matmul(
+                weighted, suffix_exclusive, precision=_HIGHEST)
+            grad_alpha = jnp.where(composited, before * value - behind_k / keep, 0.0)
+            grad_raw = jnp.where(unclamped, grad_alpha, 0.0)
+            grad_power = grad_raw * raw
+            grad = dict(
+                means2d=stack_last([jnp.sum(grad_power * (a * dx + b * dy), 1),
+                                    jnp.sum(grad_power * (b * dx + c * dy), 1)]),
+                conics=stack_last([jnp.sum(grad_power * (-0.5 * dx * dx), 1),
+                                   jnp.sum(grad_power * (-dx * dy), 1),
+                                   jnp.sum(grad_power * (-0.5 * dy * dy), 1)]),
+                opacities=jnp.sum(grad_raw * gauss, 1),
+                colors=jnp.einsum("gps,gpc->gsc", weight, gc, precision=_HIGHEST),
+                depths=jnp.einsum("gps,gp->gs", weight, gd, precision=_HIGHEST))
+            new_behind.append(put(behind_all, behind_tiles + jnp.sum(weighted, -1)))
+            new_grads.append({name: grads[name].at[gid].add(grad[name]) for name in grads})
 
-        return dict(
-            chunks_left=put("chunks_left", jnp.maximum(chunks_left - 1, 0)),
-            trans=put("trans", before[:, :, 0]),
-            behind=put("behind", state["behind"][tiles] + jnp.sum(weighted, -1)),
-            means2d=add("means2d", grad_mean), conics=add("conics", grad_conic),
-            opacities=add("opacities", grad_opac), colors=add("colors", grad_color),
-            depths=add("depths", grad_depth),
-        )
+        return dict(chunks_left=put(state["chunks_left"], jnp.maximum(chunks_left - 1, 0)),
+                    trans=put(state["trans"], before[:, :, 0]), behind=tuple(new_behind),
+                    grads=tuple(new_grads))
 
     state = lax.while_loop(lambda s: jnp.any(s["chunks_left"] > 0), body, state)
-    return (state["means2d"].reshape(batch, num, 2), state["conics"].reshape(batch, num, 3),
-            state["opacities"].reshape(batch, num), state["colors"].reshape(batch, num, channels),
-            state["depths"].reshape(batch, num), grad_background, None, None)
+    return [(grads["means2d"].reshape(batch, num, 2), grads["conics"].reshape(batch, num, 3),
+             grads["opacities"].reshape(batch, num),
+             grads["colors"].reshape(batch, num, channels),
+             grads["depths"].reshape(batch, num), grad_background)
+            for grads, grad_background in zip(state["grads"], grad_backgrounds)]
+
+
+def _composite_bwd(width, height, residuals, cotangents):
+    return _backward(width, height, residuals, [cotangents])[0] + (None, None)
 
 
 composite_jax.defvjp(_composite_fwd, _composite_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def composite_jax_pair(inputs, inputs_b, gaussian_ids, tile_ranges, width, height):
+    """`composite_jax` of `inputs`, returned twice, with each copy's gradient going to its own
+    handle: (outputs, outputs_b), where outputs_b's cotangent flows to `inputs_b`.
+
+    inputs, inputs_b: (means2d, conics, opacities, colors, depths, background) as in
+    `composite_jax`, holding the SAME values (inputs_b is a second handle on the same Gaussians,
+    e.g. one whose upstream gradient is partly stopped; its values are never read). One
+    forward and one reverse sweep serve both cotangents (`_backward` shares the alphas and
+    transmittances), instead of the two sweeps of two separate pullbacks.
+    """
+    outputs, _ = _forward(*inputs, gaussian_ids, tile_ranges, width, height)
+    return outputs, outputs
+
+
+def _pair_fwd(inputs, inputs_b, gaussian_ids, tile_ranges, width, height):
+    outputs, (trans, last) = _forward(*inputs, gaussian_ids, tile_ranges, width, height)
+    return (outputs, outputs), (tuple(inputs) + (gaussian_ids, tile_ranges, trans, last))
+
+
+def _pair_bwd(width, height, residuals, cotangents):
+    grads, grads_b = _backward(width, height, residuals, list(cotangents))
+    return grads, grads_b, None, None
+
+
+composite_jax_pair.defvjp(_pair_fwd, _pair_bwd)

@@ -133,25 +133,77 @@ def resolve_backend(backend: str) -> str:
     return "jax"
 
 
-@functools.partial(jax.jit, static_argnames=("backend", "capacity"))
-def _render_batched(gaussians: Gaussians, camera: Camera, background: jax.Array, *,
-                    backend: str, capacity: int) -> RenderOutput:
-    width, height = camera.width, camera.height
+def _splat_inputs(gaussians: Gaussians, camera: Camera, keep=None):
+    """Projection and the per-Gaussian compositor inputs → (proj, radii, opacities, colors)."""
     proj = projection.project(gaussians.means, gaussians.scales, gaussians.quats,
-                              camera.world_to_camera, camera.intrinsics, width, height)
+                              camera.world_to_camera, camera.intrinsics, camera.width,
+                              camera.height)
     finite = (jnp.isfinite(gaussians.opacities)
               & jnp.all(jnp.isfinite(gaussians.colors), axis=-1))
     radii = jnp.where(finite, proj.radii, 0)
-    bins = binning.bin_gaussians(proj.means2d, proj.depths, radii, width, height, capacity)
     # Culled Gaussians are never read by the compositor, but zeroing their opacity/colour keeps
     # NaN out of every arithmetic path (and out of the gradients of the others).
-    keep = radii > 0
+    keep = radii > 0 if keep is None else keep
     opacities = jnp.where(keep, gaussians.opacities, 0.0)
     colors = jnp.where(keep[..., None], gaussians.colors, 0.0)
+    return proj, radii, opacities, colors
+
+
+def _bins(proj, radii, opacities, camera, capacity):
+    return binning.bin_gaussians(proj.means2d, proj.depths, radii, camera.width, camera.height,
+                                 capacity, conics=proj.conics, opacities=opacities)
+
+
+@functools.partial(jax.jit, static_argnames=("backend", "capacity"))
+def _render_batched(gaussians: Gaussians, camera: Camera, background: jax.Array, *,
+                    backend: str, capacity: int) -> RenderOutput:
+    proj, radii, opacities, colors = _splat_inputs(gaussians, camera)
+    bins = _bins(proj, radii, opacities, camera, capacity)
     color, alpha, depth = _compositor(backend)(
         proj.means2d, proj.conics, opacities, colors, proj.depths, background,
-        bins.gaussian_ids, bins.tile_ranges, width, height)
+        bins.gaussian_ids, bins.tile_ranges, camera.width, camera.height)
     return RenderOutput(color, alpha, depth, bins.overflow)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 5, 6))
+def _composite_pair_generic(composite, inputs, inputs_b, gaussian_ids, tile_ranges, width,
+                            height):
+    """composite_jax_pair's contract for any compositor: two reverse sweeps."""
+    outputs = composite(*inputs, gaussian_ids, tile_ranges, width, height)
+    return outputs, outputs
+
+
+def _pair_generic_fwd(composite, inputs, inputs_b, gaussian_ids, tile_ranges, width, height):
+    outputs, pullback = jax.vjp(
+        lambda *x: composite(*x, gaussian_ids, tile_ranges, width, height), *inputs)
+    return (outputs, outputs), pullback
+
+
+def _pair_generic_bwd(composite, width, height, pullback, cotangents):
+    return pullback(cotangents[0]), pullback(cotangents[1]), None, None
+
+
+_composite_pair_generic.defvjp(_pair_generic_fwd, _pair_generic_bwd)
+
+
+@functools.partial(jax.jit, static_argnames=("backend", "capacity"))
+def _render_pair_batched(gaussians: Gaussians, gaussians_b: Gaussians, camera: Camera,
+                         background: jax.Array, *, backend: str, capacity: int):
+    proj, radii, opacities, colors = _splat_inputs(gaussians, camera)
+    proj_b, _, opacities_b, colors_b = _splat_inputs(gaussians_b, camera, keep=radii > 0)
+    bins = _bins(proj, radii, opacities, camera, capacity)
+    inputs = (proj.means2d, proj.conics, opacities, colors, proj.depths, background)
+    inputs_b = (proj_b.means2d, proj_b.conics, opacities_b, colors_b, proj_b.depths,
+                background)
+    if backend == "jax":
+        from rasterizer.composite_jax import composite_jax_pair
+        outputs, outputs_b = composite_jax_pair(inputs, inputs_b, bins.gaussian_ids,
+                                                bins.tile_ranges, camera.width, camera.height)
+    else:
+        outputs, outputs_b = _composite_pair_generic(
+            _compositor(backend), inputs, inputs_b, bins.gaussian_ids, bins.tile_ranges,
+            camera.width, camera.height)
+    return (RenderOutput(*outputs, bins.overflow), RenderOutput(*outputs_b, bins.overflow))
 
 
 def _raise_on_overflow(overflow, capacity):
@@ -170,28 +222,10 @@ def _raise_on_overflow(overflow, capacity):
         check(overflow)
 
 
-def render(gaussians: Gaussians, camera: Camera, background: Optional[jax.Array] = None,
-           backend: str = "auto", capacity: Optional[int] = None,
-           strict: bool = False) -> RenderOutput:
-    """Renders Gaussians with differentiable 3D Gaussian splatting.
-
-    gaussians: `Gaussians` with leading shape () or (B,): means (..., N, 3), scales (..., N, 3),
-      quats (..., N, 4) wxyz, opacities (..., N), colors (..., N, C), float32.
-    camera: `Camera`, world_to_camera (..., 4, 4), intrinsics (..., 3, 3); an unbatched
-      camera (or unbatched Gaussians) is broadcast against a batch of B.
-    background: (C,) or (B, C); None = zeros.
-    backend: "jax", "triton" or "auto" (triton when jax.default_backend() == "gpu" and
-      jax_triton imports; otherwise jax, with one warning line on a GPU: `resolve_backend`).
-    capacity: static number K of (Gaussian, tile) intersection slots per image; None =
-      `binning.default_capacity(N, W, H)`. Extra intersections are dropped and counted.
-    strict: raise if any intersection was dropped: a host check when called eagerly, a
-      `jax.debug.callback` that raises at run time when traced under an outer jit.
-
-    Returns `RenderOutput` with color (..., H, W, C), alpha (..., H, W), depth (..., H, W),
-    overflow (...) int32; `...` is () when neither input had a batch dimension.
-    Jit-able; differentiable w.r.t. every Gaussian field, the background and the camera.
-    """
-    backend = resolve_backend(backend)
+def _batched_inputs(gaussians: Gaussians, camera: Camera, background):
+    """render()'s argument checks and broadcasting → (gaussians (B, N, ·), camera (B, ·),
+    background (B, C), batched: whether either input had a batch dimension). Errors name the
+    argument and the expected shape."""
     means = jnp.asarray(gaussians.means)
     if means.ndim not in (2, 3) or means.shape[-1] != 3:
         raise ValueError(f"gaussians.means must be (N, 3) or (B, N, 3), got {means.shape}")
@@ -232,12 +266,12 @@ def render(gaussians: Gaussians, camera: Camera, background: Optional[jax.Array]
             x = x[None]
         return jnp.broadcast_to(x, (batch,) + x.shape[1:])
 
-    gaussians_b = Gaussians(batch_of(gaussians.means, 2), batch_of(gaussians.scales, 2),
-                            batch_of(gaussians.quats, 2), batch_of(gaussians.opacities, 1),
-                            batch_of(gaussians.colors, 2))
+    gaussians_bn = Gaussians(batch_of(gaussians.means, 2), batch_of(gaussians.scales, 2),
+                             batch_of(gaussians.quats, 2), batch_of(gaussians.opacities, 1),
+                             batch_of(gaussians.colors, 2))
     camera_b = Camera(batch_of(camera.world_to_camera, 2), batch_of(camera.intrinsics, 2),
                       camera.width, camera.height)
-    dtype = gaussians_b.means.dtype
+    dtype = gaussians_bn.means.dtype
     if background is None:
         background_b = jnp.zeros((batch, channels), dtype)
     else:
@@ -248,6 +282,35 @@ def render(gaussians: Gaussians, camera: Camera, background: Optional[jax.Array]
                              f"{background.shape}")
         background_b = jnp.broadcast_to(background.reshape((-1, channels)), (batch, channels))
 
+    return gaussians_bn, camera_b, background_b, batched
+
+
+def render(gaussians: Gaussians, camera: Camera, background: Optional[jax.Array] = None,
+           backend: str = "auto", capacity: Optional[int] = None,
+           strict: bool = False) -> RenderOutput:
+    """Renders Gaussians with differentiable 3D Gaussian splatting.
+
+    gaussians: `Gaussians` with leading shape () or (B,): means (..., N, 3), scales (..., N, 3),
+      quats (..., N, 4) wxyz, opacities (..., N), colors (..., N, C), float32.
+    camera: `Camera`, world_to_camera (..., 4, 4), intrinsics (..., 3, 3); an unbatched
+      camera (or unbatched Gaussians) is broadcast against a batch of B.
+    background: (C,) or (B, C); None = zeros.
+    backend: "jax", "triton" or "auto" (triton when jax.default_backend() == "gpu" and
+      jax_triton imports; otherwise jax, with one warning line on a GPU: `resolve_backend`).
+    capacity: static number K of (Gaussian, tile) intersection slots per image; None =
+      `binning.default_capacity(N, W, H)`. Extra intersections are dropped and counted.
+    strict: raise if any intersection was dropped: a host check when called eagerly, a
+      `jax.debug.callback` that raises at run time when traced under an outer jit.
+
+    Returns `RenderOutput` with color (..., H, W, C), alpha (..., H, W), depth (..., H, W),
+    overflow (...) int32; `...` is () when neither input had a batch dimension.
+    Jit-able; differentiable w.r.t. every Gaussian field, the background and the camera.
+    """
+    backend = resolve_backend(backend)
+    gaussians_bn, camera_b, background_b, batched = _batched_inputs(gaussians, camera,
+                                                                    background)
+    batch, num, channels = gaussians_bn.colors.shape
+    dtype = gaussians_bn.means.dtype
     if num == 0:
         height, width = camera.height, camera.width
         out = RenderOutput(
@@ -259,10 +322,45 @@ def render(gaussians: Gaussians, camera: Camera, background: Optional[jax.Array]
             capacity = binning.default_capacity(num, camera.width, camera.height)
         if int(capacity) < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
-        out = _render_batched(gaussians_b, camera_b, background_b, backend=backend,
+        out = _render_batched(gaussians_bn, camera_b, background_b, backend=backend,
                               capacity=int(capacity))
         if strict:
             _raise_on_overflow(out.overflow, capacity)
     if not batched:
         out = RenderOutput(*(x[0] for x in out))
     return out
+
+
+def render_pair(gaussians: Gaussians, gaussians_b: Gaussians, camera: Camera,
+                background: Optional[jax.Array] = None, backend: str = "auto",
+                capacity: Optional[int] = None) -> tuple[RenderOutput, RenderOutput]:
+    """`render(gaussians, ...)` returned twice, (out, out_b), with out_b's gradient flowing to
+    `gaussians_b` instead of `gaussians`.
+
+    gaussians_b must hold the same values as `gaussians` (a second handle on the same
+    Gaussians, typically computed with part of its upstream gradient stopped); only
+    `gaussians` is rendered. This is how a training step sends two losses on one image to
+    different parameters without rendering twice: on the jax backend one reverse sweep serves
+    both cotangents (`composite_jax_pair`, about 0.7x the cost of two sweeps), on the triton
+    backend two sweeps run. Arguments and returns as `render` (batched or not; num Gaussians
+    >= 1); both outputs carry the same overflow.
+    """
+    backend = resolve_backend(backend)
+    shapes = [jax.tree_util.tree_map(jnp.shape, g) for g in (gaussians, gaussians_b)]
+    if shapes[0] != shapes[1]:
+        raise ValueError("render_pair: gaussians and gaussians_b must have the same shapes, got "
+                         f"{shapes[0]} and {shapes[1]}")
+    batched_g, camera_b, background_b, batched = _batched_inputs(gaussians, camera, background)
+    batched_g_b, _, _, _ = _batched_inputs(gaussians_b, camera, background)
+    batch, num, _ = batched_g.colors.shape
+    if num == 0:
+        raise ValueError("render_pair needs at least one Gaussian")
+    if capacity is None:
+        capacity = binning.default_capacity(num, camera.width, camera.height)
+    if int(capacity) < 1:
+        raise ValueError(f"capacity must be >= 1, got {capacity}")
+    outs = _render_pair_batched(batched_g, batched_g_b, camera_b, background_b,
+                                backend=backend, capacity=int(capacity))
+    if not batched:
+        outs = tuple(RenderOutput(*(x[0] for x in out)) for out in outs)
+    return outs

@@ -225,6 +225,19 @@ def render_images(config, gaussians, cameras25):
     return out.color * 2.0 - 1.0, out.overflow
 
 
+def render_images_pair(config, gaussians, gaussians_b, cameras25):
+    """`render_images` through `rasterizer.render_pair`: one render of `gaussians`, returned
+    as (images, images_b, overflow) with images_b's gradient going to `gaussians_b` (same
+    values, another gradient path)."""
+    res = config.render.resolution
+    camera = rasterizer.Camera.from_eg3d(cameras25, res)
+    background = jnp.full((3,), config.render.background, jnp.float32)
+    out, out_b = rasterizer.render_pair(
+        gaussians, gaussians_b, camera, background=background, backend=config.render.backend,
+        capacity=render_capacity(config, gaussians.means.shape[-2]))
+    return out.color * 2.0 - 1.0, out_b.color * 2.0 - 1.0, out.overflow
+
+
 def dropped_fraction(overflow, capacity: int):
     """Fraction of an image's tile intersections dropped: an image that overflows by o has
     used all `capacity` slots, so it had capacity + o intersections. (B,) float32."""
@@ -320,9 +333,11 @@ def generator_gradients(config, generator, weights, d_logits_fn, vgg_features, g
     makes the two renders agree. A plain jax.grad of the sum cannot do that, because L_adv
     and L_ID meet at the same image I_d. So the forward is taken as two VJPs, the static
     part (mapping → F) and the dynamic part (G_d, decoding, render: (θ_d, F) → I_d), and the
-    dynamic part is pulled back twice: once with the cotangent of every term except L_ID
-    (to θ_d and to F, and on through the static part), once with λ_ID·∂L_ID/∂I_d (to θ_d
-    only). Cost: one more backward of the renderer and G_d, no extra forward render.
+    dynamic part carries two handles on I_d: the one every term but L_ID sees (its
+    cotangent reaches θ_d and F, and on through the static part) and L_ID's, computed from F
+    with its gradient stopped (its cotangent λ_ID·∂L_ID/∂I_d reaches θ_d only).
+    `rasterizer.render_pair` renders I_d once for both and pulls the two cotangents back in
+    one reverse sweep; the only extra work is a second backward of G_d and the decoding.
     The result equals jax.grad of every term but L_ID, plus the gradient of λ_ID·L_ID
     masked to params["dynamic"] (tests/test_train_reference.py checks exactly that).
 
@@ -355,25 +370,31 @@ def generator_gradients(config, generator, weights, d_logits_fn, vgg_features, g
     def dynamic_part(dynamic_params, static):
         variables = dict(g_vars, params=dict(g_params, dynamic=dynamic_params))
         gaussians, aux = generator.animate(variables, static, flame, use_dynamic=True)
-        images, overflow = render_images(config, gaussians, cameras)
-        return (images, aux["offset_raw"], aux["scales"]), overflow
+        if not use_id:
+            images, overflow = render_images(config, gaussians, cameras)
+            return (images, aux["offset_raw"], aux["scales"]), overflow
+        # L_ID's handle on the same Gaussians: F's gradient stopped, so its cotangent reaches
+        # θ_d only. The forward is the same computation (XLA merges it); render_pair renders
+        # once and pulls both cotangents back in one sweep.
+        gaussians_id, _ = generator.animate(variables, jax.lax.stop_gradient(static), flame,
+                                            use_dynamic=True)
+        images, images_id, overflow = render_images_pair(config, gaussians, gaussians_id,
+                                                         cameras)
+        return (images, aux["offset_raw"], aux["scales"], images_id), overflow
 
     static, static_pullback, mapping_state = jax.vjp(static_part, g_params, has_aux=True)
     outputs, dynamic_pullback, overflow = jax.vjp(dynamic_part, g_params["dynamic"], static,
                                                   has_aux=True)
-    (_, terms), cotangent = jax.value_and_grad(render_terms, has_aux=True)(outputs)
-    grad_dynamic, grad_static = dynamic_pullback(cotangent)
+    (_, terms), cotangent = jax.value_and_grad(render_terms, has_aux=True)(outputs[:3])
     if use_id:
         static_images, overflow_s = render_static_images(
             config, generator, g_vars, jax.lax.stop_gradient(static), flame, cameras)
         overflow = jnp.maximum(overflow, overflow_s)
         identity, id_cotangent = jax.value_and_grad(
-            lambda images: losses.identity_loss(vgg_features, images, static_images))(outputs[0])
-        id_cotangent = (weights.identity * id_cotangent, jnp.zeros_like(outputs[1]),
-                        jnp.zeros_like(outputs[2]))
-        grad_dynamic_id, _ = dynamic_pullback(id_cotangent)   # the part to F is dropped
-        grad_dynamic = jax.tree_util.tree_map(jnp.add, grad_dynamic, grad_dynamic_id)
+            lambda images: losses.identity_loss(vgg_features, images, static_images))(outputs[3])
+        cotangent = cotangent + (weights.identity * id_cotangent,)
         terms["identity"] = identity
+    grad_dynamic, grad_static = dynamic_pullback(cotangent)
     terms["dynamic_weights"], grad_l2 = jax.value_and_grad(losses.weight_l2)(g_params["dynamic"])
     (grads,) = static_pullback(grad_static)
     grads = dict(grads, dynamic=jax.tree_util.tree_map(

@@ -509,6 +509,187 @@ def test_saturating_cumsum():
 
 
 # ----------------------------------------------------------------------------------------------
+# Tile cull: (Gaussian, tile) pairs whose alpha stays below 1/255 over the tile
+# ----------------------------------------------------------------------------------------------
+def test_tile_alpha_bound_equals_box_constrained_minimum():
+    """log o - q_min / 2 against scipy's L-BFGS-B minimum of the convex quadratic form over the
+    tile's pixel-centre rectangle (float64), for random anisotropic conics and tiles."""
+    from scipy.optimize import minimize
+    from rasterizer.binning import tile_alpha_bound
+    rng = np.random.default_rng(5)
+    count = 120
+    angle = rng.uniform(0, np.pi, count)
+    sigma = rng.uniform(0.7, 9.0, (count, 2))
+    rot = np.stack([np.cos(angle), -np.sin(angle), np.sin(angle), np.cos(angle)], -1)
+    rot = rot.reshape(count, 2, 2)
+    cov = rot @ (sigma[:, :, None] ** 2 * np.eye(2)) @ np.swapaxes(rot, 1, 2) + 0.3 * np.eye(2)
+    conic = np.linalg.inv(cov)
+    conics = np.stack([conic[:, 0, 0], conic[:, 0, 1], conic[:, 1, 1]], -1)
+    means = rng.uniform([-15, -15], [WIDTH + 15, HEIGHT + 15], (count, 2))
+    means[:10] = [[min(8.0 + 16 * (i % 3), 34.0), min(8.0 + 16 * (i // 3 % 2), 26.0)]
+                  for i in range(10)]  # inside their tile
+    opacities = rng.uniform(0.01, 1.0, count)
+    tile_x, tile_y = rng.integers(0, 3, count), rng.integers(0, 2, count)
+    tile_x[:10], tile_y[:10] = np.arange(10) % 3, np.arange(10) // 3 % 2
+    bound = np.asarray(jax.jit(tile_alpha_bound, static_argnums=(5, 6))(
+        jnp.asarray(means, jnp.float32), jnp.asarray(conics, jnp.float32),
+        jnp.asarray(opacities, jnp.float32), jnp.asarray(tile_x), jnp.asarray(tile_y),
+        WIDTH, HEIGHT))
+    for i in range(count):
+        lo = np.array([16 * tile_x[i] + 0.5, 16 * tile_y[i] + 0.5])
+        hi = np.minimum(lo + 15, [WIDTH - 0.5, HEIGHT - 0.5])
+
+        def form(p, i=i):
+            d = p - means[i]
+            return d @ conic[i] @ d
+
+        best = minimize(form, np.clip(means[i], lo, hi), jac=lambda p, i=i: 2 * conic[i] @ (
+            p - means[i]), bounds=list(zip(lo, hi)), method="L-BFGS-B",
+            options=dict(ftol=1e-15, gtol=1e-12))
+        expected = np.log(opacities[i]) - 0.5 * min(best.fun, form(np.clip(means[i], lo, hi)))
+        assert abs(bound[i] - expected) < 1e-4 * max(1.0, abs(expected)), (i, bound[i], expected)
+    np.testing.assert_allclose(bound[:10], np.log(opacities[:10]), rtol=1e-6)  # mean inside
+
+
+@jax.jit
+def _bin_culled(means2d, depths, radii, conics, opacities):
+    return bin_gaussians(means2d, depths, radii, WIDTH, HEIGHT, 4096, packed_keys=True,
+                         conics=conics, opacities=opacities)
+
+
+def test_tile_cull_drops_only_pairs_that_never_composite():
+    """The culled tile lists are the rectangle lists, in the same order, minus pairs with no
+    pixel of the tile at alpha >= 1/255 (brute force in float64 over every pixel); they drop
+    some, and the compositor's outputs and gradients are those of the full lists."""
+    from rasterizer.composite_jax import composite_jax
+    gaussians = random_scene(3, 2, NUM, 3)
+    rng = np.random.default_rng(3)
+    gaussians = Gaussians(gaussians.means, gaussians.scales, gaussians.quats, jnp.asarray(
+        rng.uniform(0.004, 1.0, (2, NUM)) ** 2, jnp.float32), gaussians.colors)  # faint ones
+    camera = camera_for(2)
+    proj = _project(gaussians, camera)
+    full = _bin_packed(proj.means2d, proj.depths, proj.radii)
+    culled = _bin_culled(proj.means2d, proj.depths, proj.radii, proj.conics, gaussians.opacities)
+    tiles_x = -(-WIDTH // 16)
+    kept_total = dropped_total = 0
+    for b in range(2):
+        m2, con = np.asarray(proj.means2d[b], np.float64), np.asarray(proj.conics[b], np.float64)
+        opac = np.asarray(gaussians.opacities[b], np.float64)
+        for tile, ((s0, e0), (s1, e1)) in enumerate(zip(np.asarray(full.tile_ranges[b]),
+                                                        np.asarray(culled.tile_ranges[b]))):
+            rect = np.asarray(full.gaussian_ids[b, s0:e0]).tolist()
+            kept = np.asarray(culled.gaussian_ids[b, s1:e1]).tolist()
+            ty, tx = divmod(tile, tiles_x)
+            ys, xs = np.mgrid[16 * ty:min(16 * ty + 16, HEIGHT), 16 * tx:min(16 * tx + 16, WIDTH)]
+            px, py = xs.reshape(-1) + 0.5, ys.reshape(-1) + 0.5
+            dx, dy = px[None] - m2[rect, :1], py[None] - m2[rect, 1:]
+            a, bb, c = con[rect, 0:1], con[rect, 1:2], con[rect, 2:3]
+            power = -0.5 * (a * dx * dx + c * dy * dy) - bb * dx * dy
+            contributes = ((power <= 0) & (opac[rect, None] * np.exp(power) >= 1 / 255)).any(1)
+            assert set(np.asarray(rect)[contributes].tolist()) <= set(kept), (b, tile)
+            assert kept == [n for n in rect if n in set(kept)], (b, tile)  # same order
+            kept_total += len(kept)
+            dropped_total += len(rect) - len(kept)
+        assert int(culled.overflow[b]) == int(full.overflow[b]) == 0
+    assert dropped_total > 0.1 * (kept_total + dropped_total), (kept_total, dropped_total)
+
+    background = jnp.full((2, 3), 0.3)
+    weights = jax.random.normal(jax.random.PRNGKey(0), (2, HEIGHT, WIDTH, 3))
+
+    @jax.jit
+    def loss_and_grads(bins_ids, bins_ranges):
+        def loss(means2d, conics, opacities, colors, depths):
+            color, alpha, depth = composite_jax(means2d, conics, opacities, colors, depths,
+                                                background, bins_ids, bins_ranges, WIDTH, HEIGHT)
+            return jnp.sum(color * weights) + jnp.sum(alpha) + 0.1 * jnp.sum(depth)
+        return jax.value_and_grad(loss, argnums=range(5))(
+            proj.means2d, proj.conics, gaussians.opacities, gaussians.colors, proj.depths)
+
+    value_full, grads_full = loss_and_grads(full.gaussian_ids, full.tile_ranges)
+    value_cull, grads_cull = loss_and_grads(culled.gaussian_ids, culled.tile_ranges)
+    np.testing.assert_allclose(value_cull, value_full, rtol=1e-6)
+    for g_cull, g_full in zip(grads_cull, grads_full):
+        np.testing.assert_allclose(g_cull, g_full, rtol=1e-4, atol=1e-5)
+
+
+def test_bin_gaussians_cull_needs_both_conics_and_opacities():
+    proj = _projected()
+    with pytest.raises(ValueError, match="both conics and opacities"):
+        bin_gaussians(proj.means2d, proj.depths, proj.radii, WIDTH, HEIGHT, 4096,
+                      conics=proj.conics)
+
+
+# ----------------------------------------------------------------------------------------------
+# render_pair: one render, two gradient paths
+# ----------------------------------------------------------------------------------------------
+def test_render_pair_routes_each_cotangent_to_its_own_handle():
+    """render_pair(g, g_b) == (render(g), render(g)); the gradient of w_a . out + w_b . out_b
+    reaches g with render's gradient of w_a . out alone and g_b with that of w_b . out_b, for
+    the native one-sweep jax pair and the generic two-sweep pair (the triton backend's)."""
+    from rasterizer import render_pair
+    from rasterizer.composite_jax import composite_jax, composite_jax_pair
+    from rasterizer.render import _composite_pair_generic
+    gaussians, camera = random_scene(4, 2, NUM, 3), camera_for(2)
+    keys = jax.random.split(jax.random.PRNGKey(1), 4)
+    w_a, w_b = (jax.random.normal(k, (2, HEIGHT, WIDTH, 3)) for k in keys[:2])
+    v_a, v_b = (jax.random.normal(k, (2, HEIGHT, WIDTH)) for k in keys[2:])
+
+    def weighted(out, w, v):
+        return jnp.sum(out.color * w) + jnp.sum(out.alpha * v) + 0.01 * jnp.sum(out.depth * v)
+
+    @jax.jit
+    def pair_grads(g, g_b):
+        def loss(g, g_b):
+            out, out_b = render_pair(g, g_b, camera, jnp.asarray([0.2, 0.5, 1.0]),
+                                     backend="jax")
+            return weighted(out, w_a, v_a) + weighted(out_b, w_b, v_b), (out, out_b)
+        return jax.grad(loss, argnums=(0, 1), has_aux=True)(g, g_b)
+
+    @jax.jit
+    def single_grads(g):
+        def loss(g, w, v):
+            out = render(g, camera, jnp.asarray([0.2, 0.5, 1.0]), backend="jax")
+            return weighted(out, w, v), out
+        return (jax.grad(loss, has_aux=True)(g, w_a, v_a),
+                jax.grad(loss, has_aux=True)(g, w_b, v_b)[0])
+
+    (grad_a, grad_b), (out, out_b) = pair_grads(gaussians, gaussians)
+    (expected_a, expected_out), expected_b = single_grads(gaussians)
+    for got, want in [(out, expected_out), (out_b, expected_out)]:
+        for x, y in zip(got[:3], want[:3]):
+            np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6)
+    for got, want in [(grad_a, expected_a), (grad_b, expected_b)]:
+        for name in ("means", "scales", "quats", "opacities", "colors"):
+            np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=1e-4,
+                                       atol=1e-5, err_msg=name)
+    assert not np.allclose(grad_a.means, grad_b.means)  # two different paths
+
+    # The compositor pairs alone: native (one sweep) and generic (two) agree.
+    proj = _project(gaussians, camera)
+    bins = _bin_packed(proj.means2d, proj.depths, proj.radii)
+    inputs = (proj.means2d, proj.conics, gaussians.opacities, gaussians.colors, proj.depths,
+              jnp.full((2, 3), 0.4))
+
+    @jax.jit
+    def pair_vjp(inputs):
+        results = []
+        for pair in (composite_jax_pair,
+                     lambda *a: _composite_pair_generic(composite_jax, *a)):
+            outs, pullback = jax.vjp(lambda x, y: pair(x, y, bins.gaussian_ids, bins.tile_ranges,
+                                                       WIDTH, HEIGHT), inputs, inputs)
+            cotangent = ((w_a, v_a, v_a), (w_b, v_b, jnp.zeros_like(v_b)))
+            results.append(pullback(cotangent))
+        return results
+
+    native, generic = pair_vjp(inputs)
+    for side in range(2):
+        for x, y in zip(native[side], generic[side]):
+            np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="same shapes"):
+        render_pair(gaussians, jax.tree_util.tree_map(lambda x: x[:1], gaussians), camera)
+
+
+# ----------------------------------------------------------------------------------------------
 # Gradients: float64 central finite differences of every input
 # ----------------------------------------------------------------------------------------------
 def test_gradients_match_float64_finite_differences():
