@@ -285,6 +285,15 @@ def _batched_inputs(gaussians: Gaussians, camera: Camera, background):
     return gaussians_bn, camera_b, background_b, batched
 
 
+def _capacity(capacity, num, camera) -> int:
+    """The static intersection capacity: `capacity`, or the default for N Gaussians."""
+    if capacity is None:
+        capacity = binning.default_capacity(num, camera.width, camera.height)
+    if int(capacity) < 1:
+        raise ValueError(f"capacity must be >= 1, got {capacity}")
+    return int(capacity)
+
+
 def render(gaussians: Gaussians, camera: Camera, background: Optional[jax.Array] = None,
            backend: str = "auto", capacity: Optional[int] = None,
            strict: bool = False) -> RenderOutput:
@@ -318,12 +327,9 @@ def render(gaussians: Gaussians, camera: Camera, background: Optional[jax.Array]
             jnp.zeros((batch, height, width), dtype), jnp.zeros((batch, height, width), dtype),
             jnp.zeros((batch,), jnp.int32))
     else:
-        if capacity is None:
-            capacity = binning.default_capacity(num, camera.width, camera.height)
-        if int(capacity) < 1:
-            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        capacity = _capacity(capacity, num, camera)
         out = _render_batched(gaussians_bn, camera_b, background_b, backend=backend,
-                              capacity=int(capacity))
+                              capacity=capacity)
         if strict:
             _raise_on_overflow(out.overflow, capacity)
     if not batched:
@@ -355,12 +361,8 @@ def render_pair(gaussians: Gaussians, gaussians_b: Gaussians, camera: Camera,
     batch, num, _ = batched_g.colors.shape
     if num == 0:
         raise ValueError("render_pair needs at least one Gaussian")
-    if capacity is None:
-        capacity = binning.default_capacity(num, camera.width, camera.height)
-    if int(capacity) < 1:
-        raise ValueError(f"capacity must be >= 1, got {capacity}")
     outs = _render_pair_batched(batched_g, batched_g_b, camera_b, background_b,
-                                backend=backend, capacity=int(capacity))
+                                backend=backend, capacity=_capacity(capacity, num, camera))
     if not batched:
         outs = tuple(RenderOutput(*(x[0] for x in out)) for out in outs)
     return outs

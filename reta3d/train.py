@@ -214,14 +214,18 @@ def render_capacity(config, num_gaussians: int) -> int:
     return rasterizer.binning.default_capacity(num_gaussians, res, res)
 
 
+def _render_kwargs(config, gaussians, cameras25):
+    """The training renders' keyword arguments for `rasterizer.render`/`render_pair`."""
+    return dict(camera=rasterizer.Camera.from_eg3d(cameras25, config.render.resolution),
+                background=jnp.full((3,), config.render.background, jnp.float32),
+                backend=config.render.backend,
+                capacity=render_capacity(config, gaussians.means.shape[-2]))
+
+
 def render_images(config, gaussians, cameras25):
     """Gaussians (B,N,·) seen by EG3D cameras (B,25) → (images (B,R,R,3) in [-1,1],
     overflow (B,) int32: tile intersections dropped for lack of capacity)."""
-    res = config.render.resolution
-    camera = rasterizer.Camera.from_eg3d(cameras25, res)
-    background = jnp.full((3,), config.render.background, jnp.float32)
-    out = rasterizer.render(gaussians, camera, background=background, backend=config.render.backend,
-                            capacity=render_capacity(config, gaussians.means.shape[-2]))
+    out = rasterizer.render(gaussians, **_render_kwargs(config, gaussians, cameras25))
     return out.color * 2.0 - 1.0, out.overflow
 
 
@@ -229,12 +233,8 @@ def render_images_pair(config, gaussians, gaussians_b, cameras25):
     """`render_images` through `rasterizer.render_pair`: one render of `gaussians`, returned
     as (images, images_b, overflow) with images_b's gradient going to `gaussians_b` (same
     values, another gradient path)."""
-    res = config.render.resolution
-    camera = rasterizer.Camera.from_eg3d(cameras25, res)
-    background = jnp.full((3,), config.render.background, jnp.float32)
-    out, out_b = rasterizer.render_pair(
-        gaussians, gaussians_b, camera, background=background, backend=config.render.backend,
-        capacity=render_capacity(config, gaussians.means.shape[-2]))
+    out, out_b = rasterizer.render_pair(gaussians, gaussians_b,
+                                        **_render_kwargs(config, gaussians, cameras25))
     return out.color * 2.0 - 1.0, out_b.color * 2.0 - 1.0, out.overflow
 
 
