@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import pathlib
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -247,6 +246,27 @@ def rebuild_reason(path, wanted: dict):
         return f"recipe version {have.get('version')} -> {wanted['version']}"
     changed = sorted(k for k in wanted if have.get(k) != wanted[k])
     return f"settings changed: {', '.join(changed)}" if changed else None
+
+
+def render_heads(colours, flame, cameras25, resolution: int, uv_resolution: int = 128,
+                 mouth_resolution: int = 32, background: float = 1.0, flame_model=None
+                 ) -> np.ndarray:
+    """The synthetic dataset's heads rendered anywhere: uint8 (B, R, R, 3) images of the
+    identities `colours` (B, N, 3) in [0, 1] (`random_textures` with the same binding's
+    `texel_geometry`) under FLAME parameters (B, k) and EG3D cameras (B, 25), built as
+    `make_synthetic_dataset` builds its images. For references measured on the data itself,
+    e.g. how far apart a face descriptor puts two renders of one synthetic identity."""
+    model = flame_lib.load() if flame_model is None else flame_model
+    hb = binding_lib.HeadBinding.from_model(model, uv_resolution, mouth_resolution)
+    geometry = texel_geometry(model, hb)
+    face, mouth = _features(np.asarray(colours, np.float32), geometry, hb)
+    gaussians, _ = binding_lib.head_gaussians(
+        model, hb, face, mouth, {k: jnp.asarray(v) for k, v in flame.items()}, "consecutive")
+    camera = rasterizer.Camera.from_eg3d(jnp.asarray(cameras25, jnp.float32), resolution)
+    capacity = rasterizer.binning.default_capacity(hb.num_gaussians, resolution, resolution)
+    out = rasterizer.render(gaussians, camera, background=jnp.full((3,), background),
+                            backend="jax", capacity=4 * capacity)
+    return np.clip(np.round(np.asarray(out.color) * 255), 0, 255).astype(np.uint8)
 
 
 def reference_alpha(flame, cameras25, resolution: int, uv_resolution: int = 128,

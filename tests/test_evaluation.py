@@ -39,6 +39,58 @@ def test_distances_are_rmse_and_mean_l1():
     assert d["l1"] == pytest.approx((3 + 4) / 4)
 
 
+def _fake_source(count, rng):
+    return [dict(camera=rng.standard_normal(25).astype(np.float32),
+                 **{k: rng.standard_normal(w).astype(np.float32)
+                    for k, w in (("shape", 4), ("expression", 3), ("global_pose", 3),
+                                 ("neck_pose", 3), ("jaw_pose", 3), ("eye_pose", 6))})
+            for _ in range(count)]
+
+
+def test_identity_conditions_keep_shape_and_mapping_camera_per_identity():
+    """ID and AED/APD animate identities: within an identity the FLAME shape and the mapping's
+    camera stay (its first row's), while cameras, expressions and poses change from set to
+    set; across identities the shapes differ."""
+    source = _fake_source(50, np.random.default_rng(0))
+    c = protocol.identity_conditions(source, 4, 3, seed=7)
+    assert c["shape"].shape == (12, 4) and c["mapping_camera"].shape == (12, 25)
+    drawn = protocol.draw_conditions(source, 12, 7)   # the same records, unchanged
+    for i in range(4):
+        rows = slice(3 * i, 3 * i + 3)
+        np.testing.assert_array_equal(c["shape"][rows], np.repeat(drawn["shape"][3 * i:3 * i + 1], 3, 0))
+        np.testing.assert_array_equal(c["mapping_camera"][rows],
+                                      np.repeat(drawn["camera"][3 * i:3 * i + 1], 3, 0))
+        for key in ("camera", "expression", "jaw_pose", "neck_pose"):
+            np.testing.assert_array_equal(c[key][rows], drawn[key][rows])
+    assert len({tuple(c["shape"][3 * i]) for i in range(4)}) == 4
+    with pytest.raises(ValueError, match="positive"):
+        protocol.identity_conditions(source, 0, 3, seed=0)
+
+
+def test_generate_conditions_the_mapping_on_the_mapping_camera():
+    """_generate renders at each row's camera and passes "mapping_camera" (where given) as the
+    mapping's condition, padding the last batch; without it, the rendering camera."""
+    from reta3d.evaluation import evaluate
+    source = _fake_source(20, np.random.default_rng(1))
+    c = protocol.identity_conditions(source, 3, 2, seed=3)
+    z = np.arange(6, dtype=np.float32)[:, None]
+    calls = []
+
+    def render(g_vars, z_batch, cameras, flame, mapping):
+        calls.append((cameras, mapping))
+        return np.zeros((len(z_batch), 2, 2, 3), np.float32)
+    images = evaluate._generate(render, None, z, c, 0, 6, 4)
+    assert images.shape == (6, 2, 2, 3) and images.dtype == np.uint8
+    np.testing.assert_array_equal(calls[0][1], c["mapping_camera"][:4])
+    np.testing.assert_array_equal(calls[1][1][:2], c["mapping_camera"][4:6])
+    np.testing.assert_array_equal(calls[1][0][:2], c["camera"][4:6])
+    assert not np.array_equal(calls[0][0], calls[0][1])
+    del c["mapping_camera"]
+    calls.clear()
+    evaluate._generate(render, None, z, c, 0, 4, 4)
+    np.testing.assert_array_equal(calls[0][1], c["camera"][:4])
+
+
 def test_chunk_cache_resumes_and_refuses_another_key(tmp_path):
     calls = []
 
@@ -173,3 +225,17 @@ def test_evaluate_job_runs_fid_kid_swd_and_resumes(tmp_path, monkeypatch):
         evaluate.evaluate(config, generator, g_vars, source, out, metrics=("aed",),
                           num_identities=2, sets_per_identity=2, face_resolution=64,
                           aed_estimates=tmp_path / "bad.npz", batch=4, progress=False)
+
+
+def test_id_reference_script_measures_the_synthetic_data():
+    """experiments/id_reference.py: dlib distances of synthetic identity pairs (same identity,
+    other identity) come out finite and in the descriptor's range; kept small so it cannot rot."""
+    import importlib.util
+    script = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "id_reference.py"
+    spec = importlib.util.spec_from_file_location("id_reference", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = module.id_reference(num=3, resolution=128, seed=0)
+    assert out["num"] == 3 and "dlib" in out["metric"]
+    for key in ("same_identity", "other_identities"):
+        assert np.isfinite(out[key]) and 0.0 < out[key] < 1.5

@@ -42,8 +42,9 @@ ARCFACE_HINT = (
 
 
 def _render_fn(config, generator, resolution: int):
-    """jit: (g_vars, z, cameras, flame) → uint8-ready images in [-1, 1] at `resolution`,
-    the mapping conditioned on the rendering camera (EG3D's metrics)."""
+    """jit: (g_vars, z, cameras, flame, mapping_cameras) → images in [-1, 1] at `resolution`,
+    rendered at `cameras`, the mapping conditioned on `mapping_cameras` (the rendering camera
+    for FID/KID, as EG3D's metrics; the identity's own for ID and AED/APD)."""
     import copy
 
     from reta3d import train
@@ -51,19 +52,21 @@ def _render_fn(config, generator, resolution: int):
     with config.unlocked():
         config.render.resolution = int(resolution)
     sample = train.make_sample_fn(config, generator)
-    return lambda g_vars, z, cameras, flame: sample(g_vars, z, cameras, flame, cameras)
+    return sample
 
 
 def _generate(render, g_vars, z, conditions, start, stop, batch):
     """Images for conditions[start:stop] (uint8), rendered in fixed-size batches (padding the
-    last) so that one compiled function serves every chunk."""
+    last) so that one compiled function serves every chunk. The mapping is conditioned on
+    conditions["mapping_camera"] where given, else on the rendering camera."""
     out = []
     for s in range(start, stop, batch):
         e = min(s + batch, stop)
         pad = batch - (e - s)
         take = lambda a: np.concatenate([a[s:e], np.repeat(a[e - 1:e], pad, 0)]) if pad else a[s:e]  # noqa: E731
         flame = {k: take(conditions[k]) for k in protocol.FLAME_KEYS}
-        images = render(g_vars, take(z), take(conditions["camera"]), flame)
+        mapping = conditions.get("mapping_camera", conditions["camera"])
+        images = render(g_vars, take(z), take(conditions["camera"]), flame, take(mapping))
         out.append(protocol.to_uint8(images)[:e - s])
     return np.concatenate(out)
 
@@ -156,7 +159,9 @@ def evaluate(config, generator, g_vars, source, out, *, metrics: Sequence[str] =
         render = _render_fn(config, generator, face_resolution)
         n = num_identities
         z = protocol.latents(n, config.model.z_dim, seed + 1)
-        sets = [protocol.draw_conditions(source, n, seed + 2 + k) for k in range(2)]
+        # Each identity twice: same latent, shape and mapping camera; other expression/pose.
+        pairs = protocol.identity_conditions(source, n, 2, seed + 2)
+        sets = [{key: value[k::2] for key, value in pairs.items()} for k in range(2)]
         if arcface is not None:
             from reta3d.evaluation import arcface as arcface_lib
             embed_fn = arcface_lib.arcface_embedding_fn(arcface)
@@ -181,7 +186,7 @@ def evaluate(config, generator, g_vars, source, out, *, metrics: Sequence[str] =
         cache = protocol.ChunkCache(cache_root / f"id_{face_resolution}_{id_alignment}",
                                     {"weights": weights_key, "n": n, "seed": seed,
                                      "embedding": name, "arcface": str(arcface),
-                                     "alignment": id_alignment})
+                                     "alignment": id_alignment, "protocol": 2})
         bar = Progress(n, "ID") if progress else None
 
         def compute(s, e):
@@ -222,7 +227,8 @@ def evaluate(config, generator, g_vars, source, out, *, metrics: Sequence[str] =
         total = num_identities * sets_per_identity
         z = np.repeat(protocol.latents(num_identities, config.model.z_dim, seed + 10),
                       sets_per_identity, axis=0)
-        conditions = protocol.draw_conditions(source, total, seed + 11)
+        conditions = protocol.identity_conditions(source, num_identities, sets_per_identity,
+                                                  seed + 11)
         drive_expression, drive_pose = protocol.driving_parameters(conditions, num_expression)
         render = _render_fn(config, generator, face_resolution)
         estimated = None
@@ -242,7 +248,8 @@ def evaluate(config, generator, g_vars, source, out, *, metrics: Sequence[str] =
             from reta3d.fitting import embedding as embedding_lib
             emb_model = landmark_embedding or embedding_lib.template_embedding()
             cache = protocol.ChunkCache(cache_root / f"aed_{face_resolution}",
-                                        {"weights": weights_key, "total": total, "seed": seed})
+                                        {"weights": weights_key, "total": total, "seed": seed,
+                                         "protocol": 2})
             bar = Progress(total, "AED/APD") if progress else None
 
             def compute(s, e):

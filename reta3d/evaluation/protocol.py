@@ -103,6 +103,29 @@ def draw_conditions(source, count: int, seed: int) -> Dict[str, np.ndarray]:
     return out
 
 
+def identity_conditions(source, num_identities: int, sets_per_identity: int, seed: int
+                        ) -> Dict[str, np.ndarray]:
+    """Conditions for animating identities, as the paper's ID and AED/APD protocols do ("500
+    identities, animate each with 20 random FLAME expression/pose parameter sets", Sec. 3).
+
+    Rows are identity-major: identity i's sets are rows i·S … i·S + S − 1 (S =
+    sets_per_identity). Each row takes the camera, expression and poses (global, neck, jaw,
+    eye) of a random dataset record; the FLAME shape and the mapping's conditioning camera
+    ("mapping_camera") are the identity's own, those of its first row, for every set: both
+    belong to the identity, which is generated once and then animated. Returns {"camera",
+    "mapping_camera": (N, 25), FLAME key: (N, k)} float32, N = num_identities · S.
+    Raises ValueError for a non-positive count.
+    """
+    if num_identities < 1 or sets_per_identity < 1:
+        raise ValueError(f"identity_conditions: need positive counts, got {num_identities} "
+                         f"identities x {sets_per_identity} sets")
+    out = draw_conditions(source, num_identities * sets_per_identity, seed)
+    first = np.arange(num_identities) * sets_per_identity
+    out["shape"] = np.repeat(out["shape"][first], sets_per_identity, axis=0)
+    out["mapping_camera"] = np.repeat(out["camera"][first], sets_per_identity, axis=0)
+    return out
+
+
 def latents(count: int, z_dim: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((count, z_dim)).astype(np.float32)
 
