@@ -248,6 +248,22 @@ def rebuild_reason(path, wanted: dict):
     return f"settings changed: {', '.join(changed)}" if changed else None
 
 
+def _render(colours, flame, cameras25, resolution, uv_resolution, mouth_resolution,
+            background, model):
+    """The synthetic heads of `colours` (B, N, 3), or of one grey if None, rendered as
+    `make_synthetic_dataset` builds them (4x the default capacity: no tile is dropped)."""
+    hb = binding_lib.HeadBinding.from_model(model, uv_resolution, mouth_resolution)
+    if colours is None:
+        colours = np.full((np.asarray(cameras25).shape[0], hb.num_gaussians, 3), 0.5)
+    face, mouth = _features(np.asarray(colours, np.float32), texel_geometry(model, hb), hb)
+    gaussians, _ = binding_lib.head_gaussians(
+        model, hb, face, mouth, {k: jnp.asarray(v) for k, v in flame.items()}, "consecutive")
+    camera = rasterizer.Camera.from_eg3d(jnp.asarray(cameras25, jnp.float32), resolution)
+    capacity = rasterizer.binning.default_capacity(hb.num_gaussians, resolution, resolution)
+    return rasterizer.render(gaussians, camera, background=jnp.full((3,), background),
+                             backend="jax", capacity=4 * capacity)
+
+
 def render_heads(colours, flame, cameras25, resolution: int, uv_resolution: int = 128,
                  mouth_resolution: int = 32, background: float = 1.0, flame_model=None
                  ) -> np.ndarray:
@@ -257,15 +273,8 @@ def render_heads(colours, flame, cameras25, resolution: int, uv_resolution: int 
     `make_synthetic_dataset` builds its images. For references measured on the data itself,
     e.g. how far apart a face descriptor puts two renders of one synthetic identity."""
     model = flame_lib.load() if flame_model is None else flame_model
-    hb = binding_lib.HeadBinding.from_model(model, uv_resolution, mouth_resolution)
-    geometry = texel_geometry(model, hb)
-    face, mouth = _features(np.asarray(colours, np.float32), geometry, hb)
-    gaussians, _ = binding_lib.head_gaussians(
-        model, hb, face, mouth, {k: jnp.asarray(v) for k, v in flame.items()}, "consecutive")
-    camera = rasterizer.Camera.from_eg3d(jnp.asarray(cameras25, jnp.float32), resolution)
-    capacity = rasterizer.binning.default_capacity(hb.num_gaussians, resolution, resolution)
-    out = rasterizer.render(gaussians, camera, background=jnp.full((3,), background),
-                            backend="jax", capacity=4 * capacity)
+    out = _render(colours, flame, cameras25, resolution, uv_resolution, mouth_resolution,
+                  background, model)
     return np.clip(np.round(np.asarray(out.color) * 255), 0, 255).astype(np.uint8)
 
 
@@ -276,13 +285,6 @@ def reference_alpha(flame, cameras25, resolution: int, uv_resolution: int = 128,
     cameras (B, 25). Alpha does not depend on the texture, so any colours do. Used to compare
     how solid a trained model's heads are with the data it learnt from."""
     model = flame_lib.load() if flame_model is None else flame_model
-    hb = binding_lib.HeadBinding.from_model(model, uv_resolution, mouth_resolution)
-    geometry = texel_geometry(model, hb)
-    count = np.asarray(cameras25).shape[0]
-    colours = np.full((count, hb.num_gaussians, 3), 0.5, np.float32)
-    face, mouth = _features(colours, geometry, hb)
-    gaussians, _ = binding_lib.head_gaussians(model, hb, face, mouth, flame, "consecutive")
-    camera = rasterizer.Camera.from_eg3d(jnp.asarray(cameras25), resolution)
-    capacity = rasterizer.binning.default_capacity(hb.num_gaussians, resolution, resolution)
-    out = rasterizer.render(gaussians, camera, backend="jax", capacity=4 * capacity)
+    out = _render(None, flame, cameras25, resolution, uv_resolution, mouth_resolution, 0.0,
+                  model)
     return np.asarray(out.alpha)

@@ -59,13 +59,13 @@ def _generate(render, g_vars, z, conditions, start, stop, batch):
     """Images for conditions[start:stop] (uint8), rendered in fixed-size batches (padding the
     last) so that one compiled function serves every chunk. The mapping is conditioned on
     conditions["mapping_camera"] where given, else on the rendering camera."""
+    mapping = conditions.get("mapping_camera", conditions["camera"])
     out = []
     for s in range(start, stop, batch):
         e = min(s + batch, stop)
         pad = batch - (e - s)
         take = lambda a: np.concatenate([a[s:e], np.repeat(a[e - 1:e], pad, 0)]) if pad else a[s:e]  # noqa: E731
         flame = {k: take(conditions[k]) for k in protocol.FLAME_KEYS}
-        mapping = conditions.get("mapping_camera", conditions["camera"])
         images = render(g_vars, take(z), take(conditions["camera"]), flame, take(mapping))
         out.append(protocol.to_uint8(images)[:e - s])
     return np.concatenate(out)
