@@ -736,8 +736,25 @@ def prepare_data(config):
     return source
 
 
-def _progress_line(step, total_steps, kimg, img_per_s, metrics, seconds_left):
-    """One line per logged step. seconds_left None: not yet known (the first step includes
+def seconds_left(steps_left: int, batch_size: int, window_rate: float, average_rate: float,
+                 final_seconds: float = 0.0) -> float:
+    """The ETA of the progress line, in seconds.
+
+    The rate falls as training goes (the Gaussians grow and each image intersects more tiles),
+    so the average rate since the first step overstates what is left; the last logging
+    window's rate follows the slow-down but is noisy (a grid or checkpoint may fall in it).
+    The slower of the two is the honest one. `final_seconds` adds the work after the last
+    step (the final SWD, timed by the one at step 0).
+
+    Args: steps left; global batch; window and average rates in images/s (> 0);
+    final_seconds ≥ 0. Returns seconds (float).
+    """
+    rate = max(min(window_rate, average_rate), 1e-9)
+    return steps_left * batch_size / rate + final_seconds
+
+
+def _progress_line(step, total_steps, kimg, img_per_s, metrics, left):
+    """One line per logged step. left (seconds) None: not yet known (the first step includes
     compilation, so its rate says nothing about the rest)."""
     def fmt(v):
         return f"{v:.3f}"
@@ -746,10 +763,10 @@ def _progress_line(step, total_steps, kimg, img_per_s, metrics, seconds_left):
     dropped = metrics.get("render_dropped_fraction", 0.0)
     if dropped > 0:
         shown += f" dropped={100 * dropped:.2f}%"
-    if seconds_left is None:
+    if left is None:
         return (f"step {step}/{total_steps} kimg {kimg:.2f} {shown} "
                 f"(first step, compilation included: {img_per_s:.0f} s)")
-    eta = time.strftime("%H:%M:%S", time.gmtime(max(seconds_left, 0)))
+    eta = time.strftime("%H:%M:%S", time.gmtime(max(left, 0)))
     return (f"step {step}/{total_steps} kimg {kimg:.2f} {img_per_s:.1f} img/s {shown} "
             f"left {eta}")
 
@@ -867,7 +884,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     if start_step == 0:
         t0 = time.time()
         meta["swd_start"] = measure_swd(state.g_ema, 0)
-        print(f"swd at step 0: {meta['swd_start']:.2f} ({time.time() - t0:.0f} s)", flush=True)
+        meta["swd_seconds"] = time.time() - t0   # the final SWD's share of the ETA
+        print(f"swd at step 0: {meta['swd_start']:.2f} ({meta['swd_seconds']:.0f} s)", flush=True)
         save_grid(state.g_ema, 0)
     if start_step >= total_steps:
         print(f"Training already finished ({start_step}/{total_steps} steps); nothing to do.",
@@ -924,6 +942,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
 
     t_start = time.time()
     t_last, step_last = t_start, start_step
+    paused = 0.0     # seconds in grids, checkpoints and SWD since the last log line
     t_first = None   # end of the first step: rates and the ETA count from there (no compile)
     step = start_step
     pending = None   # the previous step's metrics: checked one step late, so no sync stalls
@@ -947,23 +966,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                           f"(the step itself, compilation included: {now - t_start:.0f} s)",
                           flush=True)
                 else:
-                    rate = (step - step_last) * batch_size / max(now - t_last, 1e-9)
+                    # The window's rate is the steps' own: a grid or checkpoint in it would
+                    # make the ETA pessimistic for one line (the average still counts them).
+                    rate = (step - step_last) * batch_size / max(now - t_last - paused, 1e-9)
                     done_rate = (step - start_step - 1) * batch_size / max(now - t_first, 1e-9)
-                    left = (total_steps - step) * batch_size / max(done_rate, 1e-9)
+                    left = seconds_left(total_steps - step, batch_size, rate, done_rate,
+                                        meta.get("swd_seconds", 0.0))
                 print(_progress_line(step, total_steps, step * batch_size / 1000, rate, metrics,
                                      left), flush=True)
                 record = {"step": step, "kimg": step * batch_size / 1000, **metrics}
                 if left is not None:
                     record["img_per_s"] = rate
                 log_metrics(record)
-                t_last, step_last = now, step
-            if step % config.train.sample_every == 0 or step == total_steps:
+                t_last, step_last, paused = now, step, 0.0
+            grid = step % config.train.sample_every == 0 or step == total_steps
+            swd_due = step % config.train.swd_every == 0 and step != total_steps
+            checkpoint = step % config.train.checkpoint_every == 0 and step != total_steps
+            if grid or swd_due or checkpoint:
+                jax.block_until_ready(state)   # the step's own compute is not a pause
+                t_pause = time.time()
+            if grid:
                 save_grid(unreplicate(state.g_ema), step)
-            if step % config.train.swd_every == 0 and step != total_steps:
+            if swd_due:
                 swd = measure_swd(unreplicate(state.g_ema), step)
                 print(f"swd at step {step}: {swd:.2f}", flush=True)
-            if step % config.train.checkpoint_every == 0 and step != total_steps:
+            if checkpoint:
                 save(step)  # the last step is saved after the final SWD, below
+            if grid or swd_due or checkpoint:
+                paused += time.time() - t_pause
             if stop["requested"]:
                 raise _StopRequested()
     except (KeyboardInterrupt, _StopRequested):

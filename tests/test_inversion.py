@@ -42,6 +42,11 @@ KNOWN_MIN_PSNR = 21.0
 NOVEL_MARGIN_DB = 5.0
 
 
+# One worker runs the whole module: the model and the photo inversion (module fixtures)
+# are built once, not on each worker.
+pytestmark = pytest.mark.xdist_group("inversion")
+
+
 @pytest.fixture(scope="module")
 def model():
     config = demo.get_config()

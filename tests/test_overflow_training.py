@@ -1,8 +1,6 @@
 """Rasterizer overflow during training is measured, logged, warned about and fixed."""
 import json
 
-import pytest
-
 from reta3d import train
 from test_launch import micro_config
 

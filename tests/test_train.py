@@ -206,3 +206,14 @@ def test_swap_conditioning_rolls_the_batch():
     half = np.asarray(train.swap_conditioning(key, cams, 0.5))
     for i in range(4):  # each row is its own camera or its neighbour's, never anything else
         assert (half[i] == cams[i]).all() or (half[i] == cams[i - 1]).all()
+
+
+def test_eta_follows_a_falling_rate_and_counts_the_final_swd():
+    # Rate fell from 8 (average) to 5 img/s (last window): 100 steps of 8 images at the
+    # slower rate, plus the final SWD's 10 s.
+    assert train.seconds_left(100, 8, 5.0, 8.0, 10.0) == pytest.approx(100 * 8 / 5 + 10)
+    # A window sped up by chance does not make the ETA optimistic: the average bounds it.
+    assert train.seconds_left(100, 8, 12.0, 8.0) == pytest.approx(100)
+    assert train.seconds_left(0, 8, 5.0, 8.0, 10.0) == pytest.approx(10)
+    line = train._progress_line(50, 300, 0.4, 5.0, {"g_total": 1.0}, 3725.0)
+    assert line.endswith("left 01:02:05") and "5.0 img/s" in line

@@ -49,6 +49,10 @@ TOLERANCE = 5e-3        # parameters agree to TOLERANCE · lr (see the module do
 NOISE_STRENGTH_FACTOR = 6   # ... noise strengths to 6 · TOLERANCE · lr
 
 
+# One worker runs the whole module: iteration() (cached) is computed once, not on each worker.
+pytestmark = pytest.mark.xdist_group("train_reference")
+
+
 def reference_config():
     c = tiny_config()
     c.render.resolution = 16               # one tile, a shallower D: less to compile

@@ -52,6 +52,11 @@ from reta3d.networks import stylegan2
 from reta3d.networks.generator import StaticMaps
 from reta3d.viewer import ViewerState
 
+# One worker runs the whole module: the demo renderer and Chromium (module and session
+# fixtures) start once, not on each worker.
+pytestmark = pytest.mark.xdist_group("viewer")
+
+
 JAW_MAX = 0.6   # the jaw slider's maximum (the End key moves it there)
 MAPPING_LR_MULTIPLIER = stylegan2.MappingNetwork.lr_multiplier   # its kernels: std 1 / 0.01
 
