@@ -58,7 +58,7 @@ def get_config():
     # Rendering.
     c.render = ml_collections.ConfigDict()
     c.render.resolution = 512
-    c.render.backend = "auto"          # "jax" | "triton" | "auto" (triton on GPU)
+    c.render.backend = "auto"  # "jax" | "cpu" | "triton" | "auto" (triton on GPU, cpu on CPU)
     c.render.background = 1.0          # white background, as FFHQ crops are matted to nothing
     # Tile-intersection slots per image; None = the rasterizer's default. Training grows it
     # (and recompiles) when a step overflows, with a warning; see train.check_overflow.

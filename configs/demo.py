@@ -32,7 +32,7 @@ def get_config():
     c.disc.mbstd_group_size = 4
 
     c.render.resolution = 64
-    c.render.backend = "jax"
+    c.render.backend = "auto"    # the C++ compositor on a CPU (rasterizer/composite_cpu.cc)
     c.loss.vgg16 = "random"     # no download: an explicit, fixed random VGG16 (logged)
     c.loss.vgg_layers = ("relu1_2", "relu2_2")  # the shallow layers: a quarter of the cost
 

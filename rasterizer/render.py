@@ -1,4 +1,4 @@
-"""`render`: projection -> tile binning -> compositing (jax or triton backend).
+"""`render`: projection -> tile binning -> compositing (jax, cpu or triton backend).
 
 Reference 3DGS semantics (see projection.py, binning.py, composite_jax.py for the details and
 the few documented deviations). Non-finite Gaussians are culled: a Gaussian with any NaN/inf
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from rasterizer import binning, projection
 from rasterizer.types import Camera, Gaussians
 
-BACKENDS = ("auto", "jax", "triton")
+BACKENDS = ("auto", "jax", "cpu", "triton")
 
 
 class RenderOutput(NamedTuple):
@@ -38,13 +38,17 @@ def _compositor(backend: str):
     if backend == "jax":
         from rasterizer.composite_jax import composite_jax
         return composite_jax
+    if backend == "cpu":
+        from rasterizer.composite_cpu import composite_cpu
+        return composite_cpu
     # Imported only when selected: the triton path pulls in torch / jax_triton.
     from rasterizer.composite_triton import composite_triton
     return composite_triton
 
 
 class BackendUnavailableError(ImportError):
-    """The triton backend cannot run here: a package it needs is missing or fails to import.
+    """The triton backend cannot run here (a package it needs is missing or fails to import),
+    or the cpu backend cannot be built (no C++ compiler, a failing build).
     The message names the package and what to do (one line)."""
 
 
@@ -107,18 +111,32 @@ def triton_backend_problem() -> Optional[str]:
 
 
 def resolve_backend(backend: str) -> str:
-    """"auto" -> "triton" on a GPU when it can run there, "jax" elsewhere; "jax" passes through;
-    "triton" is checked.
+    """"auto" -> "triton" on a GPU when it can run there, "cpu" (the C++ compositor,
+    composite_cpu.py) on a CPU when it builds there, else "jax"; "jax" passes through; "cpu"
+    and "triton" are checked.
 
-    On a GPU whose Python lacks `jax_triton` (or `triton`), "auto" falls back to "jax" and logs
-    one warning line (once per process) naming the missing package; "triton" raises
-    `BackendUnavailableError` (an ImportError) with that same line. See
-    `triton_backend_problem`.
+    On a GPU whose Python lacks `jax_triton` (or `triton`), or on a CPU without a C++ compiler
+    (or whose build fails), "auto" falls back to "jax" and logs one warning line (once per
+    process) naming the cause; "triton" / "cpu" raise `BackendUnavailableError` (an
+    ImportError) with that same line. See `triton_backend_problem` and
+    `composite_cpu.cpu_backend_problem`.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "jax":
         return backend
+    if backend == "cpu" or (backend == "auto" and jax.default_backend() == "cpu"):
+        from rasterizer.composite_cpu import cpu_backend_problem
+        problem = cpu_backend_problem()
+        if problem is None:
+            return "cpu"
+        if backend == "cpu":
+            raise BackendUnavailableError(f"rasterizer: {problem}")
+        if problem not in _WARNED:
+            _WARNED.add(problem)
+            _log.warning("rasterizer: backend='auto' falls back to the pure-JAX backend: %s",
+                         problem)
+        return "jax"
     if backend == "auto" and jax.default_backend() != "gpu":
         return "jax"
     problem = triton_backend_problem()
@@ -304,8 +322,9 @@ def render(gaussians: Gaussians, camera: Camera, background: Optional[jax.Array]
     camera: `Camera`, world_to_camera (..., 4, 4), intrinsics (..., 3, 3); an unbatched
       camera (or unbatched Gaussians) is broadcast against a batch of B.
     background: (C,) or (B, C); None = zeros.
-    backend: "jax", "triton" or "auto" (triton when jax.default_backend() == "gpu" and
-      jax_triton imports; otherwise jax, with one warning line on a GPU: `resolve_backend`).
+    backend: "jax", "cpu", "triton" or "auto" (triton when jax.default_backend() == "gpu" and
+      jax_triton imports; cpu, the C++ compositor, on a CPU where it builds; otherwise jax,
+      with one warning line naming the cause: `resolve_backend`).
     capacity: static number K of (Gaussian, tile) intersection slots per image; None =
       `binning.default_capacity(N, W, H)`. Extra intersections are dropped and counted.
     strict: raise if any intersection was dropped: a host check when called eagerly, a
@@ -347,8 +366,8 @@ def render_pair(gaussians: Gaussians, gaussians_b: Gaussians, camera: Camera,
     Gaussians, typically computed with part of its upstream gradient stopped); only
     `gaussians` is rendered. This is how a training step sends two losses on one image to
     different parameters without rendering twice: on the jax backend one reverse sweep serves
-    both cotangents (`composite_jax_pair`, about 0.7x the cost of two sweeps), on the triton
-    backend two sweeps run. Arguments and returns as `render` (batched or not; num Gaussians
+    both cotangents (`composite_jax_pair`, about 0.7x the cost of two sweeps), on the cpu and
+    triton backends two sweeps run. Arguments and returns as `render` (batched or not; num Gaussians
     >= 1); both outputs carry the same overflow.
     """
     backend = resolve_backend(backend)

@@ -112,10 +112,14 @@ def test_a_jax_triton_that_fails_to_import_is_named_with_its_error(
            "with GPU support)" in message
 
 
-def test_cpu_auto_is_jax_without_probing_or_warning(fresh_backend_state, caplog):
+def test_cpu_auto_is_the_cpu_kernel_without_probing_triton_or_warning(fresh_backend_state,
+                                                                     caplog):
+    from rasterizer.composite_cpu import cpu_backend_problem
     caplog.set_level(logging.WARNING, logger="rasterizer")
     assert jax.default_backend() == "cpu"
-    assert resolve_backend("auto") == "jax"
+    if cpu_backend_problem() is not None:
+        pytest.skip(cpu_backend_problem())
+    assert resolve_backend("auto") == "cpu"
     assert render_module._IMPORT_PROBLEMS == {} and not rasterizer_records(caplog)
     assert resolve_backend("triton") == "triton"  # the interpreter path works here
 

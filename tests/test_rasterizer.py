@@ -1,4 +1,5 @@
-"""Rasterizer (jax backend) against an independent float64 numpy renderer and hand cases.
+"""Rasterizer (jax and cpu backends) against an independent float64 numpy renderer and hand
+cases.
 
 Shapes are shared between tests on purpose: every distinct (B, N, H, W, C, capacity) costs
 a jit compile of the whole renderer, and CI time is mostly compile time.
@@ -11,6 +12,18 @@ import pytest
 from rasterizer import Camera, Gaussians, projection
 from rasterizer.binning import TILE_SIZE, bin_gaussians, saturating_cumsum
 from rasterizer.render import render
+
+@pytest.fixture(params=["jax", "cpu"])
+def backend(request):
+    """The two CPU compositors: pure JAX, and C++ (`composite_cpu.cc`, skipped with the reason
+    where it cannot be built, e.g. no C++ compiler)."""
+    if request.param == "cpu":
+        from rasterizer.composite_cpu import cpu_backend_problem
+        problem = cpu_backend_problem()
+        if problem is not None:
+            pytest.skip(problem)
+    return request.param
+
 
 WIDTH, HEIGHT = 37, 29  # not multiples of 16: 3 x 2 tiles, partial tiles on both axes
 FOCAL = 45.0
@@ -141,11 +154,11 @@ NUM = 160  # > 64 per tile in places: several compositing chunks per tile
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_matches_naive_rgb(seed):
+def test_matches_naive_rgb(seed, backend):
     gaussians = random_scene(seed, 2, NUM, 3)
     camera = camera_for(2)
     background = np.random.default_rng(seed + 100).uniform(0, 1, (2, 3)).astype(np.float32)
-    out = render(gaussians, camera, background, backend="jax")
+    out = render(gaussians, camera, background, backend=backend)
     assert out.color.shape == (2, HEIGHT, WIDTH, 3)
     assert out.overflow.tolist() == [0, 0]
     stopped_fraction = assert_matches_naive(out, gaussians, camera, background)
@@ -153,11 +166,11 @@ def test_matches_naive_rgb(seed):
     assert 0.05 < stopped_fraction < 0.95 and float(out.alpha.min()) < 0.9
 
 
-def test_matches_naive_14_channels():
+def test_matches_naive_14_channels(backend):
     gaussians = random_scene(7, 2, NUM, 14)
     camera = camera_for(2)
     background = np.linspace(0, 1, 28, dtype=np.float32).reshape(2, 14)
-    out = render(gaussians, camera, background, backend="jax")
+    out = render(gaussians, camera, background, backend=backend)
     assert out.color.shape == (2, HEIGHT, WIDTH, 14)
     assert_matches_naive(out, gaussians, camera, background)
 
@@ -185,13 +198,13 @@ def small_scene(means, scales, opacities, values, focal=100.0, cx=20.5, cy=12.5)
     return gaussians, Camera(jnp.eye(4), k, SMALL_W, SMALL_H)
 
 
-def test_one_isotropic_gaussian_by_hand():
+def test_one_isotropic_gaussian_by_hand(backend):
     """Facing the camera on the optical axis: Sigma2D = ((f s / z)^2 + 0.3) I exactly."""
     focal, z, sigma2 = 100.0, 2.0, 4.0
     scale = np.sqrt(sigma2 - 0.3) * z / focal
     opacity, value, bg = 0.8, 0.7, 0.2
     gaussians, camera = small_scene([[0, 0, z]], [[scale] * 3], [opacity], [value])
-    out = render(gaussians, camera, jnp.asarray([bg]), backend="jax")
+    out = render(gaussians, camera, jnp.asarray([bg]), backend=backend)
     assert out.color.shape == (SMALL_H, SMALL_W, 1)
     color, alpha, depth = np.asarray(out.color[..., 0]), np.asarray(out.alpha), np.asarray(
         out.depth)
@@ -215,7 +228,7 @@ def test_one_isotropic_gaussian_by_hand():
     assert np.all(color[~visible] == np.float32(bg))
 
 
-def test_tile_rectangle_cuts_visible_tail():
+def test_tile_rectangle_cuts_visible_tail(backend):
     """A wide Gaussian whose 3-sigma square ends at a tile border: the next tile row gets
     nothing although alpha there would be >= 1/255 (reference 3DGS behaviour)."""
     focal, z, sigma2 = 100.0, 2.0, 100.0
@@ -223,7 +236,7 @@ def test_tile_rectangle_cuts_visible_tail():
     # cy = -15: radius ceil(3 sqrt(100 + 0.316)) = 31, so the square ends at y = 16 and only
     # tile row 0 (pixel rows 0..15) lists it.
     gaussians, camera = small_scene([[0, 0, z]], [[scale] * 3], [0.99], [1.0], cy=-15.0)
-    out = render(gaussians, camera, backend="jax")
+    out = render(gaussians, camera, backend=backend)
     alpha = np.asarray(out.alpha)
     row15 = 0.99 * np.exp(-(30.5 ** 2) / (2 * sigma2))  # ~0.0095, composited
     row16 = 0.99 * np.exp(-(31.5 ** 2) / (2 * sigma2))  # ~0.0069 >= 1/255, but outside
@@ -232,7 +245,7 @@ def test_tile_rectangle_cuts_visible_tail():
     assert np.all(alpha[16:] == 0)
 
 
-def test_transmittance_stop_exact_count():
+def test_transmittance_stop_exact_count(backend):
     """24 Gaussians on one pixel, alpha = 0.5 each: T = 0.5^k; the 14th would bring T to
     6.1e-5 < 1e-4, so exactly 13 are composited (front to back by depth)."""
     count = 24
@@ -241,7 +254,7 @@ def test_transmittance_stop_exact_count():
     values = np.arange(count, dtype=np.float64)
     gaussians, camera = small_scene(means, np.full((count, 3), 0.01), np.full(count, 0.5),
                                     values)
-    out = render(gaussians, camera, jnp.ones(1), backend="jax")
+    out = render(gaussians, camera, jnp.ones(1), backend=backend)
     front_to_back = np.argsort(depths)
     weights = 0.5 ** np.arange(1, 14)  # alpha * T for the 13 composited ones
     np.testing.assert_allclose(out.alpha[12, 20], 1 - 0.5 ** 13, rtol=1e-6)
@@ -251,7 +264,7 @@ def test_transmittance_stop_exact_count():
                                rtol=1e-5)
 
 
-def test_stop_across_chunks_matches_naive():
+def test_stop_across_chunks_matches_naive(backend):
     """Long lists (> 64, several chunks) on every pixel, alpha ~ 0.1: the stop falls in the
     second chunk (0.9^k < 1e-4 at k = 88)."""
     gaussians = random_scene(11, 2, NUM, 3)
@@ -261,7 +274,7 @@ def test_stop_across_chunks_matches_naive():
                           jnp.full((2, NUM), 0.1, jnp.float32), gaussians.colors)
     camera = camera_for(2)
     background = np.zeros((2, 3), np.float32)
-    out = render(gaussians, camera, background, backend="jax")
+    out = render(gaussians, camera, background, backend=backend)
     assert assert_matches_naive(out, gaussians, camera, background) > 0.1
 
 
@@ -274,24 +287,24 @@ def _with(gaussians, field, index, value):
     return Gaussians(**{**vars(gaussians), field: jnp.asarray(array)})
 
 
-def test_empty_and_fully_culled_scenes_give_background():
+def test_empty_and_fully_culled_scenes_give_background(backend):
     background = jnp.asarray([0.2, 0.4, 0.6])
     camera = camera_for(1)
     empty = Gaussians(jnp.zeros((0, 3)), jnp.zeros((0, 3)), jnp.zeros((0, 4)), jnp.zeros((0,)),
                       jnp.zeros((0, 3)))
     single_camera = Camera(camera.world_to_camera[0], camera.intrinsics[0], WIDTH, HEIGHT)
-    out = render(empty, single_camera, background, backend="jax")
+    out = render(empty, single_camera, background, backend=backend)
     assert out.color.shape == (HEIGHT, WIDTH, 3)
     np.testing.assert_array_equal(out.color, np.broadcast_to(background, (HEIGHT, WIDTH, 3)))
     assert not np.any(out.alpha) and not np.any(out.depth)
 
     behind = _with(random_scene(0, 2, NUM, 3), "means", (slice(None), slice(None), 2), -1.0)
-    out = render(behind, camera_for(2), background, backend="jax")
+    out = render(behind, camera_for(2), background, backend=backend)
     np.testing.assert_array_equal(out.color, np.broadcast_to(background, (2, HEIGHT, WIDTH, 3)))
     assert not np.any(out.alpha) and not np.any(out.depth)
 
 
-def test_gaussians_behind_camera_or_off_image_change_nothing():
+def test_gaussians_behind_camera_or_off_image_change_nothing(backend):
     gaussians = random_scene(3, 2, NUM, 3)
     camera = camera_for(2)
     moved = list(range(0, NUM, 7))
@@ -304,15 +317,15 @@ def test_gaussians_behind_camera_or_off_image_change_nothing():
     means = np.einsum("bnji,bnj->bni", rot, cam - shift)  # back to world (rigid cameras)
     culled = Gaussians(**{**vars(gaussians), "means": jnp.asarray(means, jnp.float32)})
     invisible = _with(gaussians, "opacities", (slice(None), moved), 0.0)
-    out_culled = render(culled, camera, backend="jax")
-    out_invisible = render(invisible, camera, backend="jax")
+    out_culled = render(culled, camera, backend=backend)
+    out_invisible = render(invisible, camera, backend=backend)
     for a, b in zip(out_culled[:3], out_invisible[:3]):
         np.testing.assert_allclose(a, b, atol=1e-6)
     # ... and the moved Gaussians really were visible before they moved.
-    assert not np.allclose(render(gaussians, camera, backend="jax").color, out_invisible.color)
+    assert not np.allclose(render(gaussians, camera, backend=backend).color, out_invisible.color)
 
 
-def test_huge_gaussian_covering_every_tile():
+def test_huge_gaussian_covering_every_tile(backend):
     gaussians = random_scene(5, 2, NUM, 3)
     gaussians = _with(gaussians, "scales", (slice(None), 0), 3.0)
     gaussians = _with(gaussians, "opacities", (slice(None), 0), 0.5)
@@ -323,28 +336,28 @@ def test_huge_gaussian_covering_every_tile():
         ids = np.asarray(bins.gaussian_ids[b])
         for start, end in np.asarray(bins.tile_ranges[b]):
             assert 0 in ids[start:end]
-    out = render(gaussians, camera, backend="jax")
+    out = render(gaussians, camera, backend=backend)
     assert_matches_naive(out, gaussians, camera, np.zeros((2, 3)))
     assert float(out.alpha.min()) > 0.2  # it really covers every pixel
 
 
-def test_nan_gaussian_is_culled_and_others_unaffected():
+def test_nan_gaussian_is_culled_and_others_unaffected(backend):
     gaussians = random_scene(6, 2, NUM, 3)
     camera = camera_for(2)
     target = (0, 5)
     reference = _with(gaussians, "opacities", target, 0.0)
 
     def loss(g):
-        out = render(g, camera, backend="jax")
+        out = render(g, camera, backend=backend)
         return jnp.sum(out.color * jnp.arange(3.0)) + jnp.sum(out.alpha) + jnp.sum(out.depth)
 
     grad_fn = jax.jit(jax.grad(loss))
-    ref_out = render(reference, camera, backend="jax")
+    ref_out = render(reference, camera, backend=backend)
     ref_grads = grad_fn(reference)
     for field, index in [("means", target + (0,)), ("scales", target + (1,)),
                          ("quats", target), ("opacities", target), ("colors", target + (2,))]:
         broken = _with(gaussians, field, index, np.nan)
-        out = render(broken, camera, backend="jax")
+        out = render(broken, camera, backend=backend)
         for a, b in zip(out[:3], ref_out[:3]):
             np.testing.assert_allclose(a, b, atol=1e-6, err_msg=field)
         grads = grad_fn(broken)
@@ -358,12 +371,12 @@ def test_nan_gaussian_is_culled_and_others_unaffected():
                                        err_msg=f"{field} -> {name}")
 
 
-def test_batch_equals_per_image_renders_under_jit():
+def test_batch_equals_per_image_renders_under_jit(backend):
     gaussians = random_scene(8, 2, NUM, 3)
     camera = camera_for(2)
     background = jnp.asarray([[0.1, 0.2, 0.3], [0.9, 0.8, 0.7]])
-    batched = render(gaussians, camera, background, backend="jax")
-    single = jax.jit(lambda g, c, bg: render(g, c, bg, backend="jax"))
+    batched = render(gaussians, camera, background, backend=backend)
+    single = jax.jit(lambda g, c, bg: render(g, c, bg, backend=backend))
     for b in range(2):
         image = single(Gaussians(*(x[b] for x in vars(gaussians).values())),
                        Camera(camera.world_to_camera[b], camera.intrinsics[b], WIDTH, HEIGHT),
@@ -374,7 +387,7 @@ def test_batch_equals_per_image_renders_under_jit():
 
     # One unbatched head seen by a batch of cameras: broadcast against the cameras.
     head = Gaussians(*(x[0] for x in vars(gaussians).values()))
-    broadcast = render(head, camera, background, backend="jax")
+    broadcast = render(head, camera, background, backend=backend)
     assert broadcast.color.shape == (2, HEIGHT, WIDTH, 3)
     for b in range(2):
         image = single(head, Camera(camera.world_to_camera[b], camera.intrinsics[b], WIDTH,
@@ -385,7 +398,9 @@ def test_batch_equals_per_image_renders_under_jit():
 
 def test_backend_choice_and_input_errors():
     from rasterizer.render import resolve_backend
-    assert resolve_backend("auto") == ("triton" if jax.default_backend() == "gpu" else "jax")
+    from rasterizer.composite_cpu import cpu_backend_problem
+    on_cpu = "jax" if cpu_backend_problem() else "cpu"
+    assert resolve_backend("auto") == ("triton" if jax.default_backend() == "gpu" else on_cpu)
     gaussians, camera = random_scene(0, 2, 4, 3), camera_for(2)
     with pytest.raises(ValueError, match="backend"):
         render(gaussians, camera, backend="cuda")
@@ -401,12 +416,12 @@ def test_backend_choice_and_input_errors():
         render(gaussians, camera, capacity=0)
 
 
-def test_32_channels():
+def test_32_channels(backend):
     channels = 32  # C = 1 is the small-scene family above
     gaussians = random_scene(9, 1, NUM, channels)
     camera = camera_for(1)
     background = np.full((1, channels), 0.5, np.float32)
-    out = render(gaussians, camera, background, backend="jax")
+    out = render(gaussians, camera, background, backend=backend)
     assert out.color.shape == (1, HEIGHT, WIDTH, channels)
     assert_matches_naive(out, gaussians, camera, background)
 
@@ -622,7 +637,7 @@ def test_bin_gaussians_cull_needs_both_conics_and_opacities():
 # ----------------------------------------------------------------------------------------------
 # render_pair: one render, two gradient paths
 # ----------------------------------------------------------------------------------------------
-def test_render_pair_routes_each_cotangent_to_its_own_handle():
+def test_render_pair_routes_each_cotangent_to_its_own_handle(backend):
     """render_pair(g, g_b) == (render(g), render(g)); the gradient of w_a . out + w_b . out_b
     reaches g with render's gradient of w_a . out alone and g_b with that of w_b . out_b, for
     the native one-sweep jax pair and the generic two-sweep pair (the triton backend's)."""
@@ -641,14 +656,14 @@ def test_render_pair_routes_each_cotangent_to_its_own_handle():
     def pair_grads(g, g_b):
         def loss(g, g_b):
             out, out_b = render_pair(g, g_b, camera, jnp.asarray([0.2, 0.5, 1.0]),
-                                     backend="jax")
+                                     backend=backend)
             return weighted(out, w_a, v_a) + weighted(out_b, w_b, v_b), (out, out_b)
         return jax.grad(loss, argnums=(0, 1), has_aux=True)(g, g_b)
 
     @jax.jit
     def single_grads(g):
         def loss(g, w, v):
-            out = render(g, camera, jnp.asarray([0.2, 0.5, 1.0]), backend="jax")
+            out = render(g, camera, jnp.asarray([0.2, 0.5, 1.0]), backend=backend)
             return weighted(out, w, v), out
         return (jax.grad(loss, has_aux=True)(g, w_a, v_a),
                 jax.grad(loss, has_aux=True)(g, w_b, v_b)[0])
@@ -692,7 +707,7 @@ def test_render_pair_routes_each_cotangent_to_its_own_handle():
 # ----------------------------------------------------------------------------------------------
 # Gradients: float64 central finite differences of every input
 # ----------------------------------------------------------------------------------------------
-def test_gradients_match_float64_finite_differences():
+def test_gradients_match_float64_finite_differences(backend):
     """jax.grad of a random linear function of color, alpha and depth against float64 central
     differences, for every entry of every input (Gaussians, background, camera).
 
@@ -730,7 +745,7 @@ def test_gradients_match_float64_finite_differences():
         def per_image_losses(p):
             gaussians = Gaussians(*(p[name] for name in names[:5]))
             camera = Camera(p["world_to_camera"], p["intrinsics"], width, height)
-            out = render(gaussians, camera, p["background"], backend="jax")
+            out = render(gaussians, camera, p["background"], backend=backend)
             assert out.color.dtype == jnp.float64
             return sum(jnp.sum(o * w, axis=tuple(range(1, o.ndim)))
                        for o, w in zip(out[:3], weights))
