@@ -125,6 +125,10 @@ def resolve_backend(backend: str) -> str:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "jax":
         return backend
+    if backend == "cpu" and jax.default_backend() != "cpu":
+        raise BackendUnavailableError(
+            f"rasterizer: the cpu backend runs on jax's CPU platform, but jax's default backend "
+            f"here is {jax.default_backend()!r}; use backend='auto'")
     if backend == "cpu" or (backend == "auto" and jax.default_backend() == "cpu"):
         from rasterizer.composite_cpu import cpu_backend_problem
         problem = cpu_backend_problem()

@@ -105,6 +105,12 @@ def test_no_compiler_is_named_and_auto_falls_back_with_one_warning(monkeypatch, 
     assert len(records) == 1 and "falls back to the pure-JAX backend" in records[0].getMessage()
 
 
+def test_cpu_backend_on_a_gpu_platform_is_refused(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    with pytest.raises(BackendUnavailableError, match="jax's default backend here is 'gpu'"):
+        resolve_backend("cpu")
+
+
 def test_failing_build_is_named_and_leaves_nothing_in_the_cache(monkeypatch, fresh_state):
     failing = fresh_state / "fake-cxx"
     failing.write_text("#!/bin/sh\necho 'fatal error: no headers here' >&2\nexit 1\n")
