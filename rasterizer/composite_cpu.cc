@@ -460,18 +460,23 @@ ffi::Error BackwardImpl(ffi::AnyBuffer means2d, ffi::AnyBuffer conics, ffi::AnyB
   }
 }
 
+// The eight inputs both handlers start with.
+auto BindInputs() {
+  return ffi::Ffi::Bind()
+      .Arg<ffi::AnyBuffer>()   // means2d
+      .Arg<ffi::AnyBuffer>()   // conics
+      .Arg<ffi::AnyBuffer>()   // opacities
+      .Arg<ffi::AnyBuffer>()   // colors
+      .Arg<ffi::AnyBuffer>()   // depths
+      .Arg<ffi::AnyBuffer>()   // background
+      .Arg<ffi::AnyBuffer>()   // gaussian_ids
+      .Arg<ffi::AnyBuffer>();  // tile_ranges
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Reta3dCompositeForward, ForwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()  // means2d
-                                  .Arg<ffi::AnyBuffer>()  // conics
-                                  .Arg<ffi::AnyBuffer>()  // opacities
-                                  .Arg<ffi::AnyBuffer>()  // colors
-                                  .Arg<ffi::AnyBuffer>()  // depths
-                                  .Arg<ffi::AnyBuffer>()  // background
-                                  .Arg<ffi::AnyBuffer>()  // gaussian_ids
-                                  .Arg<ffi::AnyBuffer>()  // tile_ranges
+                              BindInputs()
                                   .Attr<int64_t>("width")
                                   .Attr<int64_t>("height")
                                   .Ret<ffi::AnyBuffer>()   // color
@@ -481,15 +486,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Reta3dCompositeForward, ForwardImpl,
                                   .Ret<ffi::AnyBuffer>());  // last composited position
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Reta3dCompositeBackward, BackwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()  // means2d
-                                  .Arg<ffi::AnyBuffer>()  // conics
-                                  .Arg<ffi::AnyBuffer>()  // opacities
-                                  .Arg<ffi::AnyBuffer>()  // colors
-                                  .Arg<ffi::AnyBuffer>()  // depths
-                                  .Arg<ffi::AnyBuffer>()  // background
-                                  .Arg<ffi::AnyBuffer>()  // gaussian_ids
-                                  .Arg<ffi::AnyBuffer>()  // tile_ranges
+                              BindInputs()
                                   .Arg<ffi::AnyBuffer>()  // final transmittance
                                   .Arg<ffi::AnyBuffer>()  // last composited position
                                   .Arg<ffi::AnyBuffer>()  // g_color

@@ -131,22 +131,18 @@ def resolve_backend(backend: str) -> str:
             f"here is {jax.default_backend()!r}; use backend='auto'")
     if backend == "cpu" or (backend == "auto" and jax.default_backend() == "cpu"):
         from rasterizer.composite_cpu import cpu_backend_problem
-        problem = cpu_backend_problem()
-        if problem is None:
-            return "cpu"
-        if backend == "cpu":
-            raise BackendUnavailableError(f"rasterizer: {problem}")
-        if problem not in _WARNED:
-            _WARNED.add(problem)
-            _log.warning("rasterizer: backend='auto' falls back to the pure-JAX backend: %s",
-                         problem)
-        return "jax"
+        return _checked(backend, "cpu", cpu_backend_problem())
     if backend == "auto" and jax.default_backend() != "gpu":
         return "jax"
-    problem = triton_backend_problem()
+    return _checked(backend, "triton", triton_backend_problem())
+
+
+def _checked(backend: str, fast: str, problem: Optional[str]) -> str:
+    """`fast` when it can run (problem None); else raises for an explicit request, or warns once
+    per problem and returns "jax" for "auto"."""
     if problem is None:
-        return "triton"
-    if backend == "triton":
+        return fast
+    if backend == fast:
         raise BackendUnavailableError(f"rasterizer: {problem}")
     if problem not in _WARNED:
         _WARNED.add(problem)
