@@ -378,6 +378,21 @@ void backward_typed(const Shapes& s, const Inputs<T>& in, const T* trans, const 
   }
 }
 
+// Runs fn(T{}) with T the inputs' float type: float32 or float64, else an error.
+template <typename Fn>
+ffi::Error by_dtype(ffi::DataType dtype, Fn fn) {
+  switch (dtype) {
+    case ffi::DataType::F32:
+      fn(float{});
+      return ffi::Error::Success();
+    case ffi::DataType::F64:
+      fn(double{});
+      return ffi::Error::Success();
+    default:
+      return ffi::Error::InvalidArgument("composite_cpu: float32 or float64 inputs only");
+  }
+}
+
 ffi::Error ForwardImpl(ffi::AnyBuffer means2d, ffi::AnyBuffer conics, ffi::AnyBuffer opacities,
                        ffi::AnyBuffer colors, ffi::AnyBuffer depths, ffi::AnyBuffer background,
                        ffi::AnyBuffer ids, ffi::AnyBuffer ranges, int64_t width, int64_t height,
@@ -387,47 +402,13 @@ ffi::Error ForwardImpl(ffi::AnyBuffer means2d, ffi::AnyBuffer conics, ffi::AnyBu
   Shapes s;
   if (auto e = check_shapes(means2d, colors, ids, ranges, width, height, s); e.failure())
     return e;
-  int32_t* last_ptr = last->typed_data<int32_t>();
-  switch (means2d.element_type()) {
-    case ffi::DataType::F32:
-      forward_typed<float>(s, typed_inputs<float>(means2d, conics, opacities, colors, depths,
-                                                  background, ids, ranges),
-                           color->typed_data<float>(), alpha->typed_data<float>(),
-                           depth->typed_data<float>(), trans->typed_data<float>(), last_ptr);
-      return ffi::Error::Success();
-    case ffi::DataType::F64:
-      forward_typed<double>(s, typed_inputs<double>(means2d, conics, opacities, colors, depths,
-                                                    background, ids, ranges),
-                            color->typed_data<double>(), alpha->typed_data<double>(),
-                            depth->typed_data<double>(), trans->typed_data<double>(), last_ptr);
-      return ffi::Error::Success();
-    default:
-      return ffi::Error::InvalidArgument("composite_cpu: float32 or float64 inputs only");
-  }
-}
-
-template <typename T>
-ffi::Error backward_dispatch(const Shapes& s, ffi::AnyBuffer means2d, ffi::AnyBuffer conics,
-                             ffi::AnyBuffer opacities, ffi::AnyBuffer colors,
-                             ffi::AnyBuffer depths, ffi::AnyBuffer background,
-                             ffi::AnyBuffer ids, ffi::AnyBuffer ranges, ffi::AnyBuffer trans,
-                             ffi::AnyBuffer last, ffi::AnyBuffer g_color,
-                             ffi::AnyBuffer g_alpha, ffi::AnyBuffer g_depth,
-                             ffi::Result<ffi::AnyBuffer> d_means2d,
-                             ffi::Result<ffi::AnyBuffer> d_conics,
-                             ffi::Result<ffi::AnyBuffer> d_opacities,
-                             ffi::Result<ffi::AnyBuffer> d_colors,
-                             ffi::Result<ffi::AnyBuffer> d_depths,
-                             ffi::Result<ffi::AnyBuffer> d_background) {
-  backward_typed<T>(
-      s, typed_inputs<T>(means2d, conics, opacities, colors, depths, background, ids, ranges),
-      trans.typed_data<T>(), last.typed_data<int32_t>(), g_color.typed_data<T>(),
-      g_alpha.typed_data<T>(), g_depth.typed_data<T>(),
-      Grads<T>{d_means2d->typed_data<T>(), d_conics->typed_data<T>(),
-               d_opacities->typed_data<T>(), d_colors->typed_data<T>(),
-               d_depths->typed_data<T>()},
-      d_background->typed_data<T>());
-  return ffi::Error::Success();
+  return by_dtype(means2d.element_type(), [&](auto zero) {
+    using T = decltype(zero);
+    forward_typed<T>(
+        s, typed_inputs<T>(means2d, conics, opacities, colors, depths, background, ids, ranges),
+        color->typed_data<T>(), alpha->typed_data<T>(), depth->typed_data<T>(),
+        trans->typed_data<T>(), last->typed_data<int32_t>());
+  });
 }
 
 ffi::Error BackwardImpl(ffi::AnyBuffer means2d, ffi::AnyBuffer conics, ffi::AnyBuffer opacities,
@@ -444,20 +425,17 @@ ffi::Error BackwardImpl(ffi::AnyBuffer means2d, ffi::AnyBuffer conics, ffi::AnyB
   Shapes s;
   if (auto e = check_shapes(means2d, colors, ids, ranges, width, height, s); e.failure())
     return e;
-  switch (means2d.element_type()) {
-    case ffi::DataType::F32:
-      return backward_dispatch<float>(s, means2d, conics, opacities, colors, depths, background,
-                                      ids, ranges, trans, last, g_color, g_alpha, g_depth,
-                                      d_means2d, d_conics, d_opacities, d_colors, d_depths,
-                                      d_background);
-    case ffi::DataType::F64:
-      return backward_dispatch<double>(s, means2d, conics, opacities, colors, depths,
-                                       background, ids, ranges, trans, last, g_color, g_alpha,
-                                       g_depth, d_means2d, d_conics, d_opacities, d_colors,
-                                       d_depths, d_background);
-    default:
-      return ffi::Error::InvalidArgument("composite_cpu: float32 or float64 inputs only");
-  }
+  return by_dtype(means2d.element_type(), [&](auto zero) {
+    using T = decltype(zero);
+    backward_typed<T>(
+        s, typed_inputs<T>(means2d, conics, opacities, colors, depths, background, ids, ranges),
+        trans.typed_data<T>(), last.typed_data<int32_t>(), g_color.typed_data<T>(),
+        g_alpha.typed_data<T>(), g_depth.typed_data<T>(),
+        Grads<T>{d_means2d->typed_data<T>(), d_conics->typed_data<T>(),
+                 d_opacities->typed_data<T>(), d_colors->typed_data<T>(),
+                 d_depths->typed_data<T>()},
+        d_background->typed_data<T>());
+  });
 }
 
 // The eight inputs both handlers start with.

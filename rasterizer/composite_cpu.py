@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rasterizer.composite_jax import _check_inputs
+
 _SOURCE = pathlib.Path(__file__).with_name("composite_cpu.cc")
 # -march=native: the per-pixel loops are SIMD code (AVX2 where there is one); the cache key
 # includes the CPU's flags, so a cache shared between different machines never mixes them.
@@ -151,7 +153,6 @@ def _forward(means2d, conics, opacities, colors, depths, background, gaussian_id
 
 def _check(means2d, conics, opacities, colors, depths, background, gaussian_ids, tile_ranges,
            width, height):
-    from rasterizer.composite_jax import _check_inputs
     _check_inputs(means2d, conics, opacities, colors, depths, background, gaussian_ids,
                   tile_ranges, width, height)
     dtype = means2d.dtype

@@ -99,11 +99,6 @@ def _alphas(px, py, means2d, conics, opacities, position_valid):
     return dx, dy, gauss, raw, alpha, counts
 
 
-def _cumprod(x, reverse=False):
-    """Inclusive cumulative product along the last axis (from the end when `reverse`)."""
-    return lax.cumprod(x, axis=x.ndim - 1, reverse=reverse)
-
-
 def _triangular(dtype):
     """(S, S) matrix M with (x @ M)[k] = sum_{j > k} x[j] (suffix sums as one matmul)."""
     j = jnp.arange(CHUNK_SIZE)[:, None]
@@ -199,7 +194,7 @@ def _forward(means2d, conics, opacities, colors, depths, background, gaussian_id
         keep = jnp.where(counts, 1.0 - alpha, 1.0)
         # T after each Gaussian as if none had stopped yet; T is non-increasing, so the
         # Gaussians composited are exactly those with T_after >= 1e-4.
-        after = trans0[:, :, None] * _cumprod(keep)
+        after = trans0[:, :, None] * lax.cumprod(keep, axis=2)
         before = after / keep
         composited = counts & (after >= TRANSMITTANCE_MIN)
         weight = jnp.where(composited, alpha * before, 0.0)
@@ -309,7 +304,7 @@ def _backward(width, height, residuals, cotangent_sets):
         keep = jnp.where(composited, 1.0 - alpha, 1.0)
         # Recovered by division, back to front: T_before_k = T_after_chunk / prod_{j>=k} keep_j
         # (>= T_final >= 1e-4 times it, so no underflow).
-        suffix_keep = _cumprod(keep, reverse=True)
+        suffix_keep = lax.cumprod(keep, axis=2, reverse=True)
         before = state["trans"][tiles][:, :, None] / suffix_keep
         weight = jnp.where(composited, alpha * before, 0.0)
         unclamped = composited & (raw <= ALPHA_MAX)

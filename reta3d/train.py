@@ -985,14 +985,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
             if grid or swd_due or checkpoint:
                 jax.block_until_ready(state)   # the step's own compute is not a pause
                 t_pause = time.time()
-            if grid:
-                save_grid(unreplicate(state.g_ema), step)
-            if swd_due:
-                swd = measure_swd(unreplicate(state.g_ema), step)
-                print(f"swd at step {step}: {swd:.2f}", flush=True)
-            if checkpoint:
-                save(step)  # the last step is saved after the final SWD, below
-            if grid or swd_due or checkpoint:
+                if grid:
+                    save_grid(unreplicate(state.g_ema), step)
+                if swd_due:
+                    swd = measure_swd(unreplicate(state.g_ema), step)
+                    print(f"swd at step {step}: {swd:.2f}", flush=True)
+                if checkpoint:
+                    save(step)  # the last step is saved after the final SWD, below
                 paused += time.time() - t_pause
             if stop["requested"]:
                 raise _StopRequested()
