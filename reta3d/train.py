@@ -901,27 +901,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     state = replicate(state)
     warned = {"overflow": False}
 
-    def check_overflow(metrics, at_step):
-        """Rasterizer overflow of the step that returned `metrics`: logged, warned about
-        once, and the capacity grown (steps recompiled) so that it does not happen again."""
+    def check_overflow(metrics, at_step, used):
+        """Rasterizer overflow of the step that returned `metrics`, rendered with capacity
+        `used`: logged, warned about once, and the capacity grown (steps recompiled) so that
+        it does not happen again. The check runs one step late, so the step after an
+        overflow was already dispatched with the old capacity: its overflow is logged, and
+        recompiles only if the capacity grown meanwhile would not have held it."""
         nonlocal steps, sample_fn
         worst = int(jax.device_get(metrics["render_overflow_max"])[0])
         if worst <= 0:
             return
         fraction = float(jax.device_get(metrics["render_dropped_fraction"])[0])
-        old = render_capacity(config, generator.num_gaussians)
-        new = grown_capacity(old, worst, generator.num_gaussians, config.render.resolution)
+        current = render_capacity(config, generator.num_gaussians)
+        new = max(current, grown_capacity(used, worst, generator.num_gaussians,
+                                          config.render.resolution))
         if not warned["overflow"]:
             warned["overflow"] = True
             logging.warning("rasterizer overflow during training: images were rendered with "
                             "tile intersections dropped")
+        if new > current:
+            action = f"capacity {current} -> {new}, recompiling"
+        elif current > used:
+            action = f"the capacity is already {current}"
+        else:   # already every Gaussian in every tile: cannot overflow; nothing to grow
+            action = f"capacity {current} is already the most it can be"
         print(f"warning: rasterizer overflow at step {at_step}: {100 * fraction:.2f}% of the tile "
-              f"intersections dropped on average (worst image {worst} over capacity {old}); "
-              f"capacity {old} -> {new}, recompiling", flush=True)
+              f"intersections dropped on average (worst image {worst} over capacity {used}); "
+              f"{action}", flush=True)
         log_metrics({"step": at_step, "render_dropped_fraction": fraction,
                      "render_overflow_max": worst, "render_capacity": new})
-        if new <= old:
-            return  # already every Gaussian in every tile: cannot overflow; nothing to grow
+        if new <= current:
+            return
         _set_capacity(config, new)
         meta["render_capacity"] = new
         steps = make_steps(config, generator, discriminator, vgg_features)
@@ -950,12 +960,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         while step < total_steps:
             batch = next(loader)
             batch = {k: batch[k] for k in ("image", "camera") + FLAME_KEYS}
+            used = render_capacity(config, generator.num_gaussians)
             state, metrics = train_iteration(steps, state, batch, ema_beta(config, step), step,
                                              config.loss.r1_interval)
             step += 1
             if pending is not None:
-                check_overflow(pending, step - 1)
-            pending = metrics
+                check_overflow(*pending)
+            pending = (metrics, step, used)
             if step % config.train.log_every == 0 or step == total_steps or step == start_step + 1:
                 metrics = {k: float(v[0]) for k, v in jax.device_get(metrics).items()}
                 now = time.time()
@@ -1006,7 +1017,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         raise SystemExit(130)
     signal.signal(signal.SIGTERM, previous)
     if pending is not None:
-        check_overflow(pending, step)
+        check_overflow(*pending)
 
     g_ema = unreplicate(state.g_ema)
     meta["swd_end"] = measure_swd(g_ema, step)

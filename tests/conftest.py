@@ -2,17 +2,39 @@
 
 - Two host devices, so pmap code is tested on CPU.
 - Triton's interpreter, so the Triton kernels run on CPU torch tensors (no GPU in CI).
+- One persistent compilation cache for the whole run, shared by the xdist workers and the
+  scripts the tests launch, in a temporary folder removed at the end: many tests compile
+  the same programs (the tiny configuration's train steps, its sampler), and compiling is
+  most of the suite's time on a 2-core machine. JAX keys entries on the program, so a hit
+  runs exactly what a fresh compilation would. The user's own cache is not touched.
+
+Modules marked `xdist_group` run whole on one worker (pytest.ini: `--dist=loadgroup`), so
+that their module fixtures (a training iteration, a multi-process job) run once, not once
+per worker. Tests marked `slow` (minutes each on 2 cores) are collected first, so that the
+workers start on them and the run does not end with one worker on a long test while the
+other idles; `-m "not slow"` leaves them out for a quick check.
 """
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+_CACHE_OWNER = "RETA3D_TEST_CACHE_OWNER"
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    # Set in the controller before the workers start, so that they inherit one folder.
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="reta3d-test-jax-cache-")
+    os.environ[_CACHE_OWNER] = str(os.getpid())
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+os.environ.setdefault("RETA3D_COMPILATION_CACHE", os.environ["JAX_COMPILATION_CACHE_DIR"])
 
 
-def pytest_configure(config):
-    # `-n 2` alone distributes test by test, so a module's cached, expensive set-up (one
-    # training iteration compiled and run) is paid once per worker. Modules marked
-    # `xdist_group` go to one worker whole; everything else is still spread test by test.
-    if getattr(config.option, "dist", None) == "load":
-        config.option.dist = "loadgroup"
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable
+
+
+def pytest_unconfigure(config):
+    if os.environ.get(_CACHE_OWNER) == str(os.getpid()):
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+

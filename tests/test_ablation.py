@@ -85,6 +85,7 @@ def test_rows_build_the_generators_the_table_names():
         ablation.get_config("no_such_row")
 
 
+@pytest.mark.slow
 def test_baseline_reruns_the_uv_generator_for_every_frame():
     gen, variables = _generator(False, False)
     cfg = gen.config
@@ -118,6 +119,7 @@ def test_baseline_reruns_the_uv_generator_for_every_frame():
         dynamic_params(variables)
 
 
+@pytest.mark.slow
 def test_frames_depend_on_g_only_without_gd():
     """d(frame)/d(G's weights) with the static maps held fixed: zero for the paper's model (G
     ran once per identity), non-zero for the baseline (G reruns per frame)."""
@@ -159,6 +161,7 @@ def _baseline_setup():
     return config, generator, discriminator, state.replace(g_vars=g_vars)
 
 
+@pytest.mark.slow
 def test_baseline_training_gradient_is_the_plain_gradient_of_eq2():
     """The reference renders every fake written out from the generator's parts (mapping,
     G on ws + MLP(condition) with random noise, decoding on the posed head, the
@@ -212,6 +215,7 @@ def test_baseline_training_gradient_is_the_plain_gradient_of_eq2():
     assert max(float(jnp.abs(g).max()) for g in jax.tree_util.tree_leaves(em)) > 0
 
 
+@pytest.mark.slow
 def test_baseline_train_iteration_runs_and_moves_the_expression_mlp():
     config, generator, discriminator, state = _baseline_setup()
     steps = train.make_steps(config, generator, discriminator, None,

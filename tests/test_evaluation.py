@@ -109,6 +109,7 @@ def test_chunk_cache_resumes_and_refuses_another_key(tmp_path):
         protocol.ChunkCache(tmp_path / "c", {"what": 2})
 
 
+@pytest.mark.slow
 def test_estimator_recovers_pose_of_renders_with_known_parameters(tmp_path):
     """The AED/APD estimator on synthetic template heads rendered at 256² with known camera
     and FLAME parameters: it finds most faces and recovers the head pose and jaw (APD) to
@@ -158,6 +159,7 @@ def test_markdown_table_has_the_paper_rows_and_notes():
     json.dumps(report)
 
 
+@pytest.mark.slow
 def test_evaluate_job_runs_fid_kid_swd_and_resumes(tmp_path, monkeypatch):
     """The job's wiring with a stand-in feature network (colour statistics per image, so the
     test needs no Inception weights): FID/KID/SWD land in metrics.json and metrics.md, the
@@ -227,6 +229,7 @@ def test_evaluate_job_runs_fid_kid_swd_and_resumes(tmp_path, monkeypatch):
                           aed_estimates=tmp_path / "bad.npz", batch=4, progress=False)
 
 
+@pytest.mark.slow
 def test_id_reference_script_measures_the_synthetic_data():
     """experiments/id_reference.py: dlib distances of synthetic identity pairs (same identity,
     other identity) come out finite and in the descriptor's range; kept small so it cannot rot."""

@@ -15,6 +15,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SUITE = ROOT / "experiments" / "gpu_suite.py"
+pytestmark = pytest.mark.slow   # the smoke run: minutes on 2 cores
 
 
 def load_suite():

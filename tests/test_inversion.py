@@ -44,7 +44,7 @@ NOVEL_MARGIN_DB = 5.0
 
 # One worker runs the whole module: the model and the photo inversion (module fixtures)
 # are built once, not on each worker.
-pytestmark = pytest.mark.xdist_group("inversion")
+pytestmark = [pytest.mark.xdist_group("inversion"), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

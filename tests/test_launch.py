@@ -66,6 +66,7 @@ def learning_config(tmp_path, seed=0):
     return c
 
 
+@pytest.mark.slow
 def test_train_learns_then_resume_does_nothing(tmp_path, capsys):
     config = learning_config(tmp_path)
     workdir = tmp_path / "run"

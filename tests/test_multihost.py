@@ -50,9 +50,14 @@ def _gloo_available() -> bool:
     return hasattr(_jax, "make_gloo_tcp_collectives")
 
 
-pytestmark = pytest.mark.skipif(
-    not _gloo_available(),
-    reason="this jaxlib has no gloo CPU collectives, so CPU processes cannot form one job")
+pytestmark = [
+    pytest.mark.skipif(
+        not _gloo_available(),
+        reason="this jaxlib has no gloo CPU collectives, so CPU processes cannot form one job"),
+    # One worker runs the module: its fixture launches the whole multi-process job.
+    pytest.mark.xdist_group("multihost"),
+    pytest.mark.slow,
+]
 
 
 def _free_port() -> int:

@@ -1,6 +1,8 @@
 """Rasterizer overflow during training is measured, logged, warned about and fixed."""
 import json
 
+import pytest
+
 from reta3d import train
 from test_launch import micro_config
 
@@ -11,6 +13,7 @@ def test_grown_capacity_buckets():
     assert train.grown_capacity(4096, 10**6, 100, 64) == 100 * 16       # N * tiles at most
 
 
+@pytest.mark.slow
 def test_overflowing_run_logs_warns_and_grows_the_capacity(tmp_path, capsys):
     config = micro_config(tmp_path)
     config.render.capacity = 64        # far below what 32² renders of the head need
@@ -20,6 +23,12 @@ def test_overflowing_run_logs_warns_and_grows_the_capacity(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "warning: rasterizer overflow at step 1" in out
     assert "capacity 64 ->" in out
+    # Step 2 was dispatched before step 1's overflow was read: it still ran with capacity 64,
+    # and its overflow is measured against that, without a second recompilation.
+    second = [line for line in out.splitlines() if "overflow at step 2" in line]
+    assert len(second) == 1 and "over capacity 64)" in second[0], out
+    assert "recompiling" not in second[0] and "already" in second[0], second
+    assert out.count("recompiling") == 1, out
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     first = [r for r in records if r.get("step") == 1 and "g_total" in r][0]
     assert 0.0 < first["render_dropped_fraction"] < 1.0

@@ -105,6 +105,7 @@ def assert_trees_close(a, b, rtol=2e-4, atol=2e-5):
                                    rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.slow
 def test_two_devices_match_one_device_with_same_global_batch():
     assert jax.local_device_count() >= 2, "conftest sets 2 host devices"
     batches = make_batches(2, 4, 32)
@@ -137,6 +138,7 @@ def test_resume_from_checkpoint_matches_uninterrupted(tmp_path):
     assert_trees_close(straight.g_ema, resumed.g_ema, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_one_compilation_per_phase():
     config, state, steps = setup(1)
     batches = make_batches(3, 4, 32, seed=2)
@@ -171,6 +173,7 @@ def test_fit_flame_truncates_to_the_model():
     assert fitted["expression"].shape == (2, min(50, model.num_expression))
 
 
+@pytest.mark.slow
 def test_step_with_identity_loss():
     """The G step with L_ID on (random VGG16) runs and reports an identity term that is ~0 at
     initialisation (G_d starts with ΔF = 0, so I_d = I_s up to rounding of differently fused

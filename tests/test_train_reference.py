@@ -50,7 +50,7 @@ NOISE_STRENGTH_FACTOR = 6   # ... noise strengths to 6 · TOLERANCE · lr
 
 
 # One worker runs the whole module: iteration() (cached) is computed once, not on each worker.
-pytestmark = pytest.mark.xdist_group("train_reference")
+pytestmark = [pytest.mark.xdist_group("train_reference"), pytest.mark.slow]
 
 
 def reference_config():
