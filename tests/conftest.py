@@ -26,7 +26,6 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     # Set in the controller before the workers start, so that they inherit one folder.
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="reta3d-test-jax-cache-")
     os.environ[_CACHE_OWNER] = str(os.getpid())
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 os.environ.setdefault("RETA3D_COMPILATION_CACHE", os.environ["JAX_COMPILATION_CACHE_DIR"])
 
 

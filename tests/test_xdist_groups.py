@@ -14,7 +14,6 @@ import pytest
 def test_a_grouped_test_carries_its_group_under_xdist(request):
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         pytest.skip("not running under pytest-xdist (`-n 2`)")
-    assert request.config.getoption("dist", None) in (None, "no")   # a worker's own setting
     assert request.node.nodeid.endswith("@probe"), (
         f"{request.node.nodeid}: --dist=loadgroup did not group this test (pytest "
         f"{pytest.__version__}; see pytest-xdist#1386)")
