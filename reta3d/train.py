@@ -41,6 +41,7 @@ from reta3d import flame as flame_lib
 from reta3d import losses
 from reta3d.networks import generator as generator_lib
 from reta3d.networks import stylegan2
+from reta3d.networks.initialization import jit_init
 
 FLAME_KEYS = ("shape", "expression", "global_pose", "neck_pose", "jaw_pose", "eye_pose")
 
@@ -120,12 +121,13 @@ def make_optimizers(config):
 def create_train_state(config, generator, discriminator, rng) -> TrainState:
     init_key, rng = jax.random.split(rng)
     # Initialisation draws from "rbg" keys made from the run's key: threefry's many random
-    # draws take XLA twice as long to compile. Jitted: Flax init run op by op is far slower.
+    # draws take XLA twice as long to compile. Jitted (Flax init run op by op is far
+    # slower), with LLVM's optimisation off: the programs run once (networks.initialization).
     init_key = jax.random.wrap_key_data(jax.random.bits(init_key, (4,), jnp.uint32), impl="rbg")
     g_key, d_key = jax.random.split(init_key)
-    g_vars = jax.jit(generator.init)(g_key)
+    g_vars = generator.init(g_key)    # jit_init already
     res = config.render.resolution
-    d_vars = jax.jit(discriminator.init)(d_key, jnp.zeros((1, res, res, 3)), jnp.zeros((1, 25)))
+    d_vars = jit_init(discriminator.init)(d_key, jnp.zeros((1, res, res, 3)), jnp.zeros((1, 25)))
     g_tx, d_tx = make_optimizers(config)
     return TrainState(
         step=jnp.zeros((), jnp.int32), g_vars=g_vars, g_ema=g_vars, d_vars=d_vars,
@@ -600,23 +602,46 @@ def sample_grid_inputs(config, source, num_latents=4, seed=1234):
     return z, columns
 
 
+SAMPLE_BATCH = 16   # every sampling call is padded to this batch: one compilation per run
+
+
+def sample_in_batches(sample_fn, g_vars, z, cameras, flame, cond_cameras, batch=SAMPLE_BATCH):
+    """`sample_fn` (from `make_sample_fn`) over any number of images, in calls of exactly
+    `batch` (the last padded by repeating its final row, the padding dropped), so that one
+    compilation serves the grids and the metrics. z (B, z_dim), cameras and cond_cameras
+    (B, 25), flame dict of (B, k) → (B, R, R, 3) float32 in [-1, 1]."""
+    n = int(np.shape(z)[0])
+    out = []
+    for start in range(0, n, batch):
+        stop = min(start + batch, n)
+        pad = batch - (stop - start)
+
+        def take(a):
+            a = np.asarray(a)[start:stop]
+            return np.concatenate([a, np.repeat(a[-1:], pad, 0)]) if pad else a
+        images = sample_fn(g_vars, take(z), take(cameras), {k: take(v) for k, v in flame.items()},
+                           take(cond_cameras))
+        out.append(np.asarray(images)[:stop - start])
+    return np.concatenate(out)
+
+
 def render_sample_grid(sample_fn, g_vars, z, columns) -> np.ndarray:
     """(rows·R, cols·R, 3) uint8 grid; the mapping is conditioned on the frontal camera (as
     EG3D renders its videos), so the columns show one 3D head from several cameras."""
     from rasterizer.types import look_at_eg3d_label
     n = z.shape[0]
-    frontal = np.repeat(look_at_eg3d_label(0.0, 0.0)[None], n, 0)
-    rows = []
-    for camera, flame in columns:
-        cams = np.repeat(camera[None], n, 0)
-        fl = {k: np.repeat(v[None], n, 0) for k, v in flame.items()}
-        rows.append(_to_uint8(sample_fn(g_vars, z, cams, fl, frontal)))
-    grid = np.stack(rows, axis=1)  # (n, cols, R, R, 3)
-    n, cols, r = grid.shape[:3]
-    return grid.transpose(0, 2, 1, 3, 4).reshape(n * r, cols * r, 3)
+    cams = np.concatenate([np.repeat(camera[None], n, 0) for camera, _ in columns])
+    flame = {k: np.concatenate([np.repeat(fl[k][None], n, 0) for _, fl in columns])
+             for k in columns[0][1]}
+    frontal = np.repeat(look_at_eg3d_label(0.0, 0.0)[None], len(cams), 0)
+    images = sample_in_batches(sample_fn, g_vars, np.tile(z, (len(columns), 1)), cams, flame,
+                               frontal)
+    grid = _to_uint8(images).reshape((len(columns), n) + images.shape[1:])  # (cols, n, R, R, 3)
+    cols, n, r = grid.shape[:3]
+    return grid.transpose(1, 2, 0, 3, 4).reshape(n * r, cols * r, 3)
 
 
-def evaluate_swd(config, sample_fn, g_vars, source, num_images, seed=0, batch=16):
+def evaluate_swd(config, sample_fn, g_vars, source, num_images, seed=0, batch=SAMPLE_BATCH):
     """SWD (Karras et al. 2018; ×1e3) between `num_images` dataset images and as many fakes
     conditioned on the same images' cameras and FLAME parameters."""
     from reta3d import metrics
@@ -630,7 +655,8 @@ def evaluate_swd(config, sample_fn, g_vars, source, num_images, seed=0, batch=16
         flame = {k: np.stack([np.asarray(r[k], np.float32) for r in records]) for k in FLAME_KEYS}
         z = rng.standard_normal((len(records), config.model.z_dim)).astype(np.float32)
         # EG3D's metrics condition the mapping on the same camera the image is rendered from.
-        fake.append(_to_uint8(sample_fn(g_vars, z, cams, flame, cams)))
+        fake.append(_to_uint8(sample_in_batches(sample_fn, g_vars, z, cams, flame, cams,
+                                                batch)))
         real.append(np.stack([_resize_uint8(np.asarray(r["image"]), config.render.resolution)
                               for r in records]))
     return metrics.swd(np.concatenate(real), np.concatenate(fake), seed=seed)

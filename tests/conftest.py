@@ -13,6 +13,10 @@ that their module fixtures (a training iteration, a multi-process job) run once,
 per worker. Tests marked `slow` (minutes each on 2 cores) are collected first, so that the
 workers start on them and the run does not end with one worker on a long test while the
 other idles; `-m "not slow"` leaves them out for a quick check.
+
+`RETA3D_TEST_COMPILE_LOG=FILE` appends one JSON line per compilation event in the test
+processes (test, event, function, seconds), for finding what the suite spends its time
+compiling: `python experiments/compile_profile.py FILE` sums it by test and by function.
 """
 import os
 import shutil
@@ -27,6 +31,23 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="reta3d-test-jax-cache-")
     os.environ[_CACHE_OWNER] = str(os.getpid())
 os.environ.setdefault("RETA3D_COMPILATION_CACHE", os.environ["JAX_COMPILATION_CACHE_DIR"])
+
+
+def _log_compilations(path):
+    import json
+    import jax.monitoring
+
+    def listener(event, duration, **kwargs):
+        if event.startswith("/jax/core/compile") or event.startswith("/jax/compilation_cache"):
+            record = {"test": os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" (", 1)[0],
+                      "event": event, "fun": kwargs.get("fun_name", ""), "s": duration}
+            with open(path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+    jax.monitoring.register_event_duration_secs_listener(listener)
+
+
+if os.environ.get("RETA3D_TEST_COMPILE_LOG"):
+    _log_compilations(os.environ["RETA3D_TEST_COMPILE_LOG"])
 
 
 def pytest_collection_modifyitems(config, items):

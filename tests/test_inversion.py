@@ -54,7 +54,7 @@ def model():
     generator = train.build_generator(config)
     key = jax.random.wrap_key_data(jax.random.bits(jax.random.PRNGKey(0), (4,), jnp.uint32),
                                    impl="rbg")
-    g_vars = jax.jit(generator.init)(key)
+    g_vars = generator.init(key)
     return config, generator, g_vars
 
 

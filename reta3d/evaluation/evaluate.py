@@ -59,16 +59,13 @@ def _generate(render, g_vars, z, conditions, start, stop, batch):
     """Images for conditions[start:stop] (uint8), rendered in fixed-size batches (padding the
     last) so that one compiled function serves every chunk. The mapping is conditioned on
     conditions["mapping_camera"] where given, else on the rendering camera."""
+    from reta3d import train
     mapping = conditions.get("mapping_camera", conditions["camera"])
-    out = []
-    for s in range(start, stop, batch):
-        e = min(s + batch, stop)
-        pad = batch - (e - s)
-        take = lambda a: np.concatenate([a[s:e], np.repeat(a[e - 1:e], pad, 0)]) if pad else a[s:e]  # noqa: E731
-        flame = {k: take(conditions[k]) for k in protocol.FLAME_KEYS}
-        images = render(g_vars, take(z), take(conditions["camera"]), flame, take(mapping))
-        out.append(protocol.to_uint8(images)[:e - s])
-    return np.concatenate(out)
+    flame = {k: conditions[k][start:stop] for k in protocol.FLAME_KEYS}
+    images = train.sample_in_batches(render, g_vars, z[start:stop],
+                                     conditions["camera"][start:stop], flame,
+                                     mapping[start:stop], batch)
+    return protocol.to_uint8(images)
 
 
 def dataset_images(source, resolution: int, start: int, stop: int) -> np.ndarray:
@@ -107,6 +104,14 @@ def evaluate(config, generator, g_vars, source, out, *, metrics: Sequence[str] =
     timing: Dict[str, float] = {}
     cache_root = out / "cache"
     weights_key = protocol.key_hash(jax_tree_digest(g_vars))
+    renderers: Dict[int, Any] = {}
+
+    def renderer(res):
+        # One jitted sampler per resolution for the whole evaluation (FID/KID and SWD share
+        # theirs: one compilation).
+        if res not in renderers:
+            renderers[res] = _render_fn(config, generator, res)
+        return renderers[res]
 
     # ---------------------------------------------------------------- FID / KID
     if {"fid", "kid"} & set(metrics):
@@ -127,7 +132,7 @@ def evaluate(config, generator, g_vars, source, out, *, metrics: Sequence[str] =
             bar = Progress(len(source), "real features") if progress else None
             real = protocol.chunked(len(source), 256, real_cache, lambda s, e: {
                 "features": features_fn(dataset_images(source, resolution, s, e))}, bar)
-            render = _render_fn(config, generator, resolution)
+            render = renderer(resolution)
             conditions = protocol.draw_conditions(source, num_images, seed)
             z = protocol.latents(num_images, config.model.z_dim, seed)
             fake_cache = protocol.ChunkCache(
@@ -156,7 +161,7 @@ def evaluate(config, generator, g_vars, source, out, *, metrics: Sequence[str] =
     # ---------------------------------------------------------------- ID
     if "id" in metrics:
         start_time = time.perf_counter()
-        render = _render_fn(config, generator, face_resolution)
+        render = renderer(face_resolution)
         n = num_identities
         z = protocol.latents(n, config.model.z_dim, seed + 1)
         # Each identity twice: same latent, shape and mapping camera; other expression/pose.
@@ -230,7 +235,7 @@ def evaluate(config, generator, g_vars, source, out, *, metrics: Sequence[str] =
         conditions = protocol.identity_conditions(source, num_identities, sets_per_identity,
                                                   seed + 11)
         drive_expression, drive_pose = protocol.driving_parameters(conditions, num_expression)
-        render = _render_fn(config, generator, face_resolution)
+        render = renderer(face_resolution)
         estimated = None
         if aed_export is not None:
             export_aed_images(aed_export, render, g_vars, z, conditions, drive_expression,
@@ -273,9 +278,8 @@ def evaluate(config, generator, g_vars, source, out, *, metrics: Sequence[str] =
     if "swd" in metrics:
         start_time = time.perf_counter()
         from reta3d import train
-        sample_fn = train.make_sample_fn(config, generator)
-        swd = train.evaluate_swd(config, sample_fn, g_vars, source,
-                                 min(num_images, len(source)), seed=seed)
+        swd = train.evaluate_swd(config, renderer(resolution), g_vars, source,
+                                 min(num_images, len(source)), seed=seed, batch=batch)
         results["swd"] = float(swd["mean"])
         results["swd_levels"] = {str(k): float(v) for k, v in swd["levels"].items()}
         timing["swd_s"] = time.perf_counter() - start_time

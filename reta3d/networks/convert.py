@@ -279,7 +279,8 @@ def init_variables(module: nn.Module, key: jax.Array, batch: int = 1) -> Dict[st
     """Freshly initialised variables of `module` (params, buffers, mapping_state)."""
     args, kwargs = example_inputs(module, batch)
     # jit: eager init dispatches hundreds of small ops, which is far slower than compiling.
-    return jax.jit(lambda k, a: module.init(k, *a, **kwargs))(key, args)
+    from reta3d.networks.initialization import jit_init
+    return jit_init(lambda k, a: module.init(k, *a, **kwargs))(key, args)
 
 
 # Fields of the reference `.npz` config that describe the torch module but are not our

@@ -650,12 +650,14 @@ class RETA3DGenerator:
     # -- initialisation -----------------------------------------------------------------------
     def init(self, rng: jax.Array):
         """Fresh variables {"params", "buffers", "mapping_state"} (G_d's last layers are zero).
-        jit-compiled: op-by-op initialisation would compile every random draw separately."""
+        jit-compiled (op-by-op initialisation would compile every random draw separately), with
+        LLVM's optimisation off (`networks.initialization`): it runs once."""
         return self._jit_init(rng)
 
     @functools.cached_property
     def _jit_init(self):
-        return jax.jit(functools.partial(init_networks, self.networks))
+        from reta3d.networks.initialization import jit_init
+        return jit_init(functools.partial(init_networks, self.networks))
 
     # -- static part (once per identity) --------------------------------------------------------
     def map_latents(self, variables, z, c=None, truncation_psi=1.0, truncation_cutoff=None,
