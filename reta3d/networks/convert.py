@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from reta3d.networks import ops
+from reta3d.networks.initialization import jit_init
 from reta3d.networks.stylegan2 import (Discriminator, Generator, MappingNetwork,
                                        SynthesisNetwork, channels_at, synthesis_num_ws)
 
@@ -279,7 +280,6 @@ def init_variables(module: nn.Module, key: jax.Array, batch: int = 1) -> Dict[st
     """Freshly initialised variables of `module` (params, buffers, mapping_state)."""
     args, kwargs = example_inputs(module, batch)
     # jit: eager init dispatches hundreds of small ops, which is far slower than compiling.
-    from reta3d.networks.initialization import jit_init
     return jit_init(lambda k, a: module.init(k, *a, **kwargs))(key, args)
 
 

@@ -58,6 +58,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from reta3d.networks.initialization import jit_init
 from reta3d.networks.stylegan2 import FullyConnectedLayer, MappingNetwork, SynthesisNetwork, channels_at
 
 FEATURE_CHANNELS = 14
@@ -656,7 +657,6 @@ class RETA3DGenerator:
 
     @functools.cached_property
     def _jit_init(self):
-        from reta3d.networks.initialization import jit_init
         return jit_init(functools.partial(init_networks, self.networks))
 
     # -- static part (once per identity) --------------------------------------------------------
