@@ -1,6 +1,8 @@
 """Test-wide environment, set before jax or triton are imported.
 
 - Two host devices, so pmap code is tested on CPU.
+- XLA's older CPU fusion emitters (`--xla_cpu_use_fusion_emitters=false`): they compile the
+  tests' programs ~40% faster; the same HLO runs (a user's run keeps XLA's default).
 - Triton's interpreter, so the Triton kernels run on CPU torch tensors (no GPU in CI).
 - One persistent compilation cache for the whole run, shared by the xdist workers and the
   scripts the tests launch, in a temporary folder removed at the end: many tests compile
@@ -22,7 +24,13 @@ import os
 import shutil
 import tempfile
 
+# XLA's older CPU fusion emitters compile the test configurations' programs about 40% faster
+# than the default MLIR emitters (tiny train steps: 33 s vs 54 s on 2 idle cores) and the
+# suite is mostly compilation; the same HLO runs, only its code generation differs. User runs
+# keep XLA's default (it runs the demo's train step ~12% faster).
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+if "xla_cpu_use_fusion_emitters" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_cpu_use_fusion_emitters=false"
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _CACHE_OWNER = "RETA3D_TEST_CACHE_OWNER"

@@ -76,7 +76,8 @@ def _start(name, num_processes, devices_per_process, root):
                                  "SLURM_"))}
     base.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
                 XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process} "
-                          "--xla_backend_optimization_level=0",
+                          "--xla_backend_optimization_level=0 "
+                          "--xla_cpu_use_fusion_emitters=false",
                 JAX_COMPILATION_CACHE_DIR=str(folder / "jax_cache"),
                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
