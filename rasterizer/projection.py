@@ -11,7 +11,11 @@ Follows `preprocessCUDA` / `computeCov2D` of the reference 3DGS rasterizer
 - mu2D = (fx x/z + cx, fy y/z + cy) from the unclamped point; pixel (row i, col j) is sampled
   at (j + 0.5, i + 0.5), which is the reference's ndc2Pix convention shifted by half a pixel;
 - radius = ceil(3 sqrt(lambda_max)) with lambda_max = mid + sqrt(max(0.1, mid^2 - det)), the
-  reference's formula (the 0.1 floor slightly enlarges near-isotropic footprints);
+  reference's formula (the 0.1 floor slightly enlarges near-isotropic footprints), with
+  mid^2 - det written as ((a - c)/2)^2 + b^2 and the radius capped at 2^30 px;
+- det of the dilated Sigma2D from the factor J W R S by Cauchy-Binet (`_dilated_det`), not
+  as a c - b^2, which cancels to noise for huge flat Gaussians (culled or kept at random
+  between two compilations before);
 - culled (radius 0, outputs zero): z <= 0.2 (reference `in_frustum`), det <= 0, any
   non-finite input or output, or the square [mu - r, mu + r]^2 entirely outside the image.
 
@@ -117,15 +121,36 @@ def _screen_space(means, scales, quats, world_to_camera, intrinsics, width, heig
     cov2d_abc = (cov2d[..., 0, 0] + COV2D_DILATION, cov2d[..., 0, 1],
                  cov2d[..., 1, 1] + COV2D_DILATION)
     means2d = (fx * tx / tz + cx, fy * ty / tz + cy)
-    return means2d, cov2d_abc, tz
+    return means2d, cov2d_abc, tz, _dilated_det(jm, cov2d)
 
 
-def _radius_and_validity(means2d, cov2d_abc, depths, width, height):
+def _dilated_det(jm, cov2d):
+    """det(jm jm^T + d I) of the dilated 2-D covariance, (B, N), without cancellation.
+
+    a c - b^2 subtracts two products of size ~lambda_max^2 to get lambda_max lambda_min: for a
+    flat Gaussian seen edge-on that is hundreds of times wider than the image (eigenvalue ratio
+    past ~1e7) the result is float32 rounding noise, its sign included. Cauchy-Binet gives
+    det(jm jm^T) as the sum of the squared 2x2 minors of jm (2x3); the dilation adds
+    d (a0 + c0) + d^2. Every term is non-negative, so the determinant of a finite covariance
+    is always > 0 and accurate to rounding of its terms.
+    """
+    (m00, m01, m02), (m10, m11, m12) = ([jm[..., i, k] for k in range(3)] for i in range(2))
+    minors = ((m00 * m11 - m01 * m10) ** 2 + (m00 * m12 - m02 * m10) ** 2
+              + (m01 * m12 - m02 * m11) ** 2)
+    d = COV2D_DILATION
+    return minors + d * (cov2d[..., 0, 0] + cov2d[..., 1, 1]) + d * d
+
+
+MAX_RADIUS = float(2 ** 30)   # px: past any image; keeps the int32 conversion defined
+
+
+def _radius_and_validity(means2d, cov2d_abc, det, depths, width, height):
     (mx, my), (a, b, c) = means2d, cov2d_abc
-    det = a * c - b * b
     mid = 0.5 * (a + c)
-    lambda_max = mid + jnp.sqrt(jnp.maximum(0.1, mid * mid - det))
-    radius = jnp.ceil(3.0 * jnp.sqrt(lambda_max))
+    # mid^2 - det = ((a - c) / 2)^2 + b^2, written without the cancellation.
+    half_diff = 0.5 * (a - c)
+    lambda_max = mid + jnp.sqrt(jnp.maximum(0.1, half_diff * half_diff + b * b))
+    radius = jnp.minimum(jnp.ceil(3.0 * jnp.sqrt(lambda_max)), MAX_RADIUS)
     finite = (jnp.isfinite(mx) & jnp.isfinite(my) & jnp.isfinite(det) & jnp.isfinite(depths)
               & jnp.isfinite(radius))
     on_screen = ((mx + radius > 0) & (mx - radius < width)
@@ -158,13 +183,14 @@ def project(means: jax.Array, scales: jax.Array, quats: jax.Array, world_to_came
     safe = (jnp.all(jnp.isfinite(means), -1) & jnp.all(jnp.isfinite(scales), -1)
             & jnp.all(jnp.isfinite(quats), -1) & jnp.any(quats != 0, -1)
             & (camera_z > NEAR_PLANE))
-    means2d, cov2d_abc, depths = _screen_space(means, scales, quats, world_to_camera, intrinsics,
-                                               width, height, valid=safe)
-    radii, valid = _radius_and_validity(sg(means2d), sg(cov2d_abc), sg(depths), width, height)
+    means2d, cov2d_abc, depths, det = _screen_space(means, scales, quats, world_to_camera,
+                                                    intrinsics, width, height, valid=safe)
+    radii, valid = _radius_and_validity(sg(means2d), sg(cov2d_abc), sg(det), sg(depths), width,
+                                        height)
     valid = valid & safe
     radii = jnp.where(valid, radii, 0)
     a, b, c = cov2d_abc
-    inv_det = 1.0 / jnp.where(valid, a * c - b * b, 1.0)
+    inv_det = 1.0 / jnp.where(valid, det, 1.0)
     zero = jnp.zeros((), means.dtype)
     keep = lambda x: jnp.where(valid, x, zero)  # noqa: E731
     return Projection(

@@ -287,3 +287,47 @@ def test_render_non_square_off_centre_eg3d_camera(camera_reference, backend):
         error = np.abs(analytic - numeric).max()
         # float32 renders: measured ≤ 2e-6 of the largest gradient of the field.
         assert error <= 2e-5 * scale, f"{backend} d/d{name}: error {error:.3g} of {scale:.3g}"
+
+
+# ----------------------------------------------------------------------------------------
+# Projection of a huge flat Gaussian
+# ----------------------------------------------------------------------------------------
+
+def test_huge_flat_gaussian_keeps_an_exact_determinant():
+    """A needle 10^4 units long and 10^-4 thick, lying in the image plane at 30°: its 2-D
+    covariance has eigenvalues ~10^12 px² and the 0.3 px² dilation, where a c − b² cancels to
+    float32 noise (checked below). The projection's determinant (Cauchy–Binet on J W R S) keeps
+    it valid, and its conic matches a float64 inverse of the covariance written out here."""
+    from rasterizer import projection
+    label = look_at_eg3d_label(0.0, 0.0)
+    camera = Camera.from_eg3d(label[None], 64)
+    angle = np.deg2rad(30.0)
+    quat = np.array([np.cos(angle / 2), 0.0, 0.0, np.sin(angle / 2)])   # about the view axis
+    scales = np.array([1e4, 1e-4, 1e-4])
+    out = projection.project(jnp.zeros((1, 1, 3), jnp.float32),
+                             jnp.asarray(scales, jnp.float32)[None, None],
+                             jnp.asarray(quat, jnp.float32)[None, None],
+                             camera.world_to_camera, camera.intrinsics, 64, 64)
+
+    w2c = np.asarray(camera.world_to_camera[0], np.float64)
+    k = np.asarray(camera.intrinsics[0], np.float64)
+    tx, ty, tz = w2c[:3, 3]
+    jac = np.array([[k[0, 0] / tz, 0.0, -k[0, 0] * tx / tz ** 2],
+                    [0.0, k[1, 1] / tz, -k[1, 1] * ty / tz ** 2]])
+    w, x, y, z = quat
+    rot = np.array([[1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
+                    [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],
+                    [2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)]])
+    factor = jac @ w2c[:3, :3] @ rot @ np.diag(scales)
+    cov = factor @ factor.T + projection.COV2D_DILATION * np.eye(2)
+    det = np.linalg.det(cov)
+    inverse = np.linalg.inv(cov)
+    assert cov.max() > 1e11 and 0.1 < det / cov.max() < 1.0     # eigenvalues ~1e12 and ~0.3
+    a32, b32, c32 = (np.float32(v) for v in (cov[0, 0], cov[0, 1], cov[1, 1]))
+    naive = float(a32 * c32 - b32 * b32)
+    assert abs(naive - det) > 0.5 * det            # the old formula's determinant is noise
+
+    assert int(out.radii[0, 0]) == int(np.ceil(3.0 * np.sqrt(np.linalg.eigvalsh(cov).max())))
+    want = np.array([inverse[0, 0], inverse[0, 1], inverse[1, 1]])
+    np.testing.assert_allclose(np.asarray(out.conics[0, 0], np.float64), want,
+                               rtol=0, atol=1e-4 * np.abs(want).max())
