@@ -18,7 +18,7 @@ both processes (the state, and each process its own loader position), and a seco
 `train_and_evaluate` in the same processes resumes from it.
 
 Only to keep the test's CPU time down (CI has 2 cores), every process runs with LLVM
-optimisation off and reuses compilations through jax's persistent compilation cache in the
+optimisation off and XLA's older CPU fusion emitters (as conftest.py sets for the suite), and reuses compilations through jax's persistent compilation cache in the
 test's temporary folder (written by process 0 of each launch). Both launches use the same
 settings; neither changes what a step computes.
 """

@@ -32,6 +32,31 @@ FOCAL = 45.0
 # ----------------------------------------------------------------------------------------------
 # Independent reference: every pixel against every Gaussian in depth order, numpy float64.
 # ----------------------------------------------------------------------------------------------
+def naive_screen_space(mean, scale, quat, world_to_camera, intrinsics, width, height):
+    """One Gaussian, float64 numpy: (camera-space centre t (3,), dilated 2-D covariance (2, 2)),
+    or None when the centre is not finite or z <= 0.2. The reference's EWA projection written
+    out: R from the normalised quaternion, Sigma = R S^2 R^T, J at the FOV-clamped x/z, y/z."""
+    f64 = lambda x: np.asarray(x, np.float64)  # noqa: E731
+    mean, scale, quat, world_to_camera, intrinsics = map(
+        f64, (mean, scale, quat, world_to_camera, intrinsics))
+    fx, fy = intrinsics[0, 0], intrinsics[1, 1]
+    w, x, y, z = quat / np.linalg.norm(quat)
+    rot = np.array([
+        [1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
+        [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],
+        [2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)]])
+    cov = rot @ np.diag(scale ** 2) @ rot.T
+    view = world_to_camera[:3, :3]
+    t = view @ mean + world_to_camera[:3, 3]
+    if not np.all(np.isfinite(t)) or t[2] <= 0.2:
+        return None
+    limx, limy = 1.3 * width / (2 * fx), 1.3 * height / (2 * fy)
+    tx = np.clip(t[0] / t[2], -limx, limx) * t[2]
+    ty = np.clip(t[1] / t[2], -limy, limy) * t[2]
+    jac = np.array([[fx / t[2], 0, -fx * tx / t[2] ** 2], [0, fy / t[2], -fy * ty / t[2] ** 2]])
+    return t, jac @ view @ cov @ view.T @ jac.T + 0.3 * np.eye(2)
+
+
 def naive_render(means, scales, quats, opacities, colors, world_to_camera, intrinsics, width,
                  height, background):
     """One image, all inputs numpy; returns color (H, W, C), alpha (H, W), depth (H, W) and
@@ -47,22 +72,11 @@ def naive_render(means, scales, quats, opacities, colors, world_to_camera, intri
 
     gaussians = []
     for n in range(len(means)):
-        q = quats[n] / np.linalg.norm(quats[n])
-        w, x, y, z = q
-        rot = np.array([
-            [1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
-            [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],
-            [2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)]])
-        cov = rot @ np.diag(scales[n] ** 2) @ rot.T
-        view = world_to_camera[:3, :3]
-        t = view @ means[n] + world_to_camera[:3, 3]
-        if not np.all(np.isfinite(t)) or t[2] <= 0.2:
+        projected = naive_screen_space(means[n], scales[n], quats[n], world_to_camera, intrinsics,
+                                       width, height)
+        if projected is None:
             continue
-        limx, limy = 1.3 * width / (2 * fx), 1.3 * height / (2 * fy)
-        tx = np.clip(t[0] / t[2], -limx, limx) * t[2]
-        ty = np.clip(t[1] / t[2], -limy, limy) * t[2]
-        jac = np.array([[fx / t[2], 0, -fx * tx / t[2] ** 2], [0, fy / t[2], -fy * ty / t[2] ** 2]])
-        cov2 = jac @ view @ cov @ view.T @ jac.T + 0.3 * np.eye(2)
+        t, cov2 = projected
         det = np.linalg.det(cov2)
         if not det > 0:
             continue
