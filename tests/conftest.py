@@ -1,8 +1,10 @@
 """Test-wide environment, set before jax or triton are imported.
 
 - Two host devices, so pmap code is tested on CPU.
-- XLA's older CPU fusion emitters (`--xla_cpu_use_fusion_emitters=false`): they compile the
-  tests' programs ~40% faster; the same HLO runs (a user's run keeps XLA's default).
+- XLA's older CPU fusion emitters (`--xla_cpu_use_fusion_emitters=false`) and LLVM's
+  optimisation off (`--xla_backend_optimization_level=0`): the tests' programs compile
+  several times faster and run ~2x slower, a good trade for programs that run a few steps;
+  the same HLO runs (a user's run keeps XLA's defaults).
 - Triton's interpreter, so the Triton kernels run on CPU torch tensors (no GPU in CI).
 - One persistent compilation cache for the whole run, shared by the xdist workers and the
   scripts the tests launch, in a temporary folder removed at the end: many tests compile
@@ -24,11 +26,14 @@ import os
 import shutil
 import tempfile
 
-# The older fusion emitters (module docstring): tiny train steps compile in 33 s instead of
-# 54 s on 2 idle cores; the demo's step runs ~12% faster with the default, kept for users.
+# Compile-time flags (module docstring): the older fusion emitters compile tiny train steps
+# in 33 s instead of 54 s on 2 idle cores, and -O0 cuts LLVM's share (~70% of a compile);
+# the demo's step runs ~12% faster with the default emitters, kept for users.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 if "xla_cpu_use_fusion_emitters" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_cpu_use_fusion_emitters=false"
+if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _CACHE_OWNER = "RETA3D_TEST_CACHE_OWNER"
