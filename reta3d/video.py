@@ -8,8 +8,8 @@ animation's timing JSON goes), and the tiling of several identities / views into
 from __future__ import annotations
 
 import contextlib
+import os
 import pathlib
-import warnings
 
 import chex
 import numpy as np
@@ -35,11 +35,16 @@ def image_grid(images: np.ndarray) -> np.ndarray:
 
 @contextlib.contextmanager
 def _ffmpeg_subprocess():
-    """Silences Python's fork warning for ffmpeg: a separate program started by fork+exec, so
-    the forked child runs no JAX code (the warning's deadlock cannot happen)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
-        yield
+    """Around every imageio / imageio-ffmpeg call that starts ffmpeg: have it started by a plain
+    fork+exec. imageio-ffmpeg passes `preexec_fn=os.setpgrp` (to keep a Ctrl-C from reaching
+    ffmpeg), and with a preexec_fn CPython runs the at-fork hooks and Python code in the forked
+    child of this multithreaded JAX process, which JAX rightly warns may deadlock.
+    `IMAGEIO_FFMPEG_NO_PREVENT_SIGINT=1`, imageio-ffmpeg's own switch, drops the preexec_fn (a
+    Ctrl-C then stops ffmpeg along with the script; outputs are written atomically). Set for
+    the process, because a reader starts ffmpeg lazily, on its first frame; a value the user
+    set is kept."""
+    os.environ.setdefault("IMAGEIO_FFMPEG_NO_PREVENT_SIGINT", "1")
+    yield
 
 
 def write_video(path, frames: np.ndarray, fps: float = DEFAULT_FPS) -> pathlib.Path:

@@ -144,3 +144,26 @@ def test_rotated_phone_video_is_read_upright(tmp_path):
     assert count == 3 and first.shape == (64, 48, 3)
     assert first[-12:, :12].mean() > 200          # 90° counter-clockwise: top-left → bottom-left
     assert first[:12, :12].mean() < 30
+
+
+def test_ffmpeg_starts_without_python_in_the_forked_child(tmp_path, monkeypatch):
+    """With JAX's backends up, writing and reading videos runs no at-fork hooks: ffmpeg is
+    started without imageio-ffmpeg's preexec_fn, so JAX's fork warning (a real deadlock risk
+    in a multithreaded process) never fires."""
+    import os
+    import warnings
+
+    import jax
+    jax.devices()                                   # installs JAX's at-fork warning
+    monkeypatch.delenv("IMAGEIO_FFMPEG_NO_PREVENT_SIGINT", raising=False)
+    forks = []
+    os.register_at_fork(before=lambda: forks.append(os.getpid()))  # runs only with a preexec_fn
+    frames = np.zeros((3, 16, 16, 3), np.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for name in ("clip.mp4", "clip.gif"):
+            video.write_video(tmp_path / name, frames, fps=5)
+            assert video.read_video(tmp_path / name).shape[0] == 3
+            iterator, _, count = media.read_video(tmp_path / name)
+            assert count == 3 and len(list(iterator)) == 3
+    assert forks == [], f"{len(forks)} fork hooks ran in this process"

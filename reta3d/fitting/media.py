@@ -164,8 +164,7 @@ def read_video(path) -> tuple[Iterator[np.ndarray], float, Optional[int]]:
 
 def _frames(path: pathlib.Path) -> Iterator[np.ndarray]:
     import imageio.v3 as iio
-    # Opened lazily (on the first frame), so an iterator never consumed holds no ffmpeg process;
-    # opening is what starts ffmpeg, hence the fork-warning guard around it.
+    # Opened lazily (on the first frame), so an iterator never consumed holds no ffmpeg process.
     with _ffmpeg_subprocess():
         reader = iio.imopen(path, "r", plugin="FFMPEG", extension=_FFMPEG_EXTENSION)
     try:
