@@ -90,10 +90,13 @@ def test_train_learns_then_resume_does_nothing(tmp_path, capsys):
     saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert saved == [LEARNING_STEPS // 2, LEARNING_STEPS]
     capsys.readouterr()
+    events = sorted((workdir / "tensorboard").iterdir())
+    assert events
     again = train.train_and_evaluate(config, str(workdir))
     out = capsys.readouterr().out
     assert "already finished" in out
-    assert again["swd_end"] == pytest.approx(result["swd_end"])
+    assert again == pytest.approx(result)          # step, SWD at both ends, and their ratio
+    assert sorted((workdir / "tensorboard").iterdir()) == events   # no empty events file
     # Nothing was trained again: no new metrics lines.
     assert len((workdir / "metrics.jsonl").read_text().splitlines()) == len(records)
 
