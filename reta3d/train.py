@@ -874,29 +874,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     grid_z, grid_columns = sample_grid_inputs(config, source)
     metrics_path = workdir / "metrics.jsonl"
 
-    writers = []
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:  # optional: metrics.jsonl is the record of truth
+        SummaryWriter = None
+        if is_main:
+            print("tensorboardX is not installed: no TensorBoard events", flush=True)
+    writer = None
 
     def tensorboard():
-        """The TensorBoard writer, or None without tensorboardX; opened on first use, so that
+        """The TensorBoard writer (None without tensorboardX), opened on first use, so that
         resuming a finished run adds no empty events file."""
-        if not writers:
-            try:
-                from tensorboardX import SummaryWriter
-                writers.append(SummaryWriter(str(workdir / "tensorboard")))
-            except ImportError:  # optional: metrics.jsonl is the record of truth
-                print("tensorboardX is not installed: no TensorBoard events", flush=True)
-                writers.append(None)
-        return writers[0]
+        nonlocal writer
+        if writer is None and SummaryWriter is not None:
+            writer = SummaryWriter(str(workdir / "tensorboard"))
+        return writer
 
     def log_metrics(record):
         if is_main:
             with metrics_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
-            if (writer := tensorboard()) is not None:
+            if (events := tensorboard()) is not None:
                 for k, v in record.items():
                     if isinstance(v, (int, float)) and k != "step":
-                        writer.add_scalar(k, v, record["step"])
-                writer.flush()
+                        events.add_scalar(k, v, record["step"])
+                events.flush()
 
     def measure_swd(g_vars, step):
         result = evaluate_swd(config, sample_fn, g_vars, source, config.train.swd_num_images,
@@ -910,8 +912,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         if is_main:
             grid = render_sample_grid(sample_fn, g_vars, grid_z, grid_columns)
             Image.fromarray(grid).save(workdir / f"samples_{step:07d}.png")
-            if (writer := tensorboard()) is not None:
-                writer.add_image("samples", grid, step, dataformats="HWC")
+            if (events := tensorboard()) is not None:
+                events.add_image("samples", grid, step, dataformats="HWC")
 
     if start_step == 0:
         t0 = time.time()
@@ -1063,6 +1065,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     print(f"swd at step 0: {result['swd_start']:.2f}  ->  at step {step}: {result['swd_end']:.2f}"
           + (f"  (ratio {result['swd_ratio']:.2f})" if "swd_ratio" in result else ""), flush=True)
     print(json.dumps(result), flush=True)
-    if writers and writers[0] is not None:
-        writers[0].close()
+    if writer is not None:
+        writer.close()
     return result
