@@ -779,6 +779,25 @@ def seconds_left(steps_left: int, batch_size: int, window_rate: float, average_r
     return steps_left * batch_size / rate + final_seconds
 
 
+def run_result(step: int, meta: Dict[str, Any]) -> Dict[str, Any]:
+    """What `train_and_evaluate` returns and prints last: the step, SWD at step 0 and at the
+    end where measured, and their ratio when both are. A checkpoint's metadata can lack
+    `swd_start` (written by a version that did not keep it), so it is never assumed."""
+    result = {"step": step, **{k: meta[k] for k in ("swd_start", "swd_end") if meta.get(k) is not None}}
+    if "swd_start" in result and "swd_end" in result:
+        result["swd_ratio"] = result["swd_end"] / result["swd_start"]
+    return result
+
+
+def swd_summary(result: Dict[str, Any]) -> str:
+    """The last line before the result's JSON: SWD at both ends and their ratio, as measured."""
+    line = f"swd at step {result['step']}: {result['swd_end']:.2f}"
+    if "swd_start" in result:
+        line = f"swd at step 0: {result['swd_start']:.2f}  ->  at step {result['step']}: " \
+               f"{result['swd_end']:.2f}  (ratio {result['swd_ratio']:.2f})"
+    return line
+
+
 def _progress_line(step, total_steps, kimg, img_per_s, metrics, left):
     """One line per logged step. left (seconds) None: not yet known (the first step includes
     compilation, so its rate says nothing about the rest)."""
@@ -924,9 +943,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     if start_step >= total_steps:
         print(f"Training already finished ({start_step}/{total_steps} steps); nothing to do.",
               flush=True)
-        result = {"step": start_step, **{k: meta[k] for k in ("swd_start", "swd_end") if k in meta}}
-        if "swd_start" in result and "swd_end" in result:
-            result["swd_ratio"] = result["swd_end"] / result["swd_start"]
+        result = run_result(start_step, meta)
         print(json.dumps(result), flush=True)
         return result
 
@@ -1059,11 +1076,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     meta["swd_end"] = measure_swd(g_ema, step)
     save(step)  # keeps swd_end in the checkpoint's metadata
     checkpointer.close()
-    result = {"step": step, "swd_start": meta.get("swd_start"), "swd_end": meta["swd_end"]}
-    if result["swd_start"] is not None:
-        result["swd_ratio"] = result["swd_end"] / result["swd_start"]
-    print(f"swd at step 0: {result['swd_start']:.2f}  ->  at step {step}: {result['swd_end']:.2f}"
-          + (f"  (ratio {result['swd_ratio']:.2f})" if "swd_ratio" in result else ""), flush=True)
+    result = run_result(step, meta)
+    print(swd_summary(result), flush=True)
     print(json.dumps(result), flush=True)
     if writer is not None:
         writer.close()

@@ -231,6 +231,18 @@ def test_swap_conditioning_rolls_the_batch():
         assert (half[i] == cams[i]).all() or (half[i] == cams[i - 1]).all()
 
 
+def test_run_result_has_the_ratio_only_when_both_swds_were_measured():
+    assert train.run_result(300, {"swd_start": 400.0, "swd_end": 100.0, "other": 1}) == {
+        "step": 300, "swd_start": 400.0, "swd_end": 100.0, "swd_ratio": 0.25}
+    # A checkpoint whose metadata lacks SWD at step 0 (None or absent): no ratio, no crash.
+    for meta in ({"swd_end": 100.0}, {"swd_start": None, "swd_end": 100.0}):
+        assert train.run_result(300, meta) == {"step": 300, "swd_end": 100.0}
+    assert train.run_result(0, {}) == {"step": 0}
+    assert train.swd_summary(train.run_result(300, {"swd_start": 400.0, "swd_end": 100.0})) == \
+        "swd at step 0: 400.00  ->  at step 300: 100.00  (ratio 0.25)"
+    assert train.swd_summary(train.run_result(300, {"swd_end": 100.0})) == "swd at step 300: 100.00"
+
+
 def test_eta_follows_a_falling_rate_and_counts_the_final_swd():
     # Rate fell from 8 (average) to 5 img/s (last window): 100 steps of 8 images at the
     # slower rate, plus the final SWD's 10 s.
