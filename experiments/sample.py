@@ -28,7 +28,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from absl import app, flags  # noqa: E402
 
-from reta3d import cli  # noqa: E402
+from reta3d import atomic_files, cli  # noqa: E402
 
 FLAGS = flags.FLAGS
 cli.define_generator_flags(psi=True)
@@ -50,7 +50,6 @@ cli.define_identity_flag("--seeds")
 def main(argv):
     cli.start(argv)
     import numpy as np
-    from PIL import Image
 
     from reta3d import cameras, inference, sequences, video
 
@@ -104,7 +103,7 @@ def main(argv):
 
     grid = video.image_grid(np.stack(rows))
     grid_path = out_dir / "grid.png"
-    Image.fromarray(grid).save(grid_path)
+    atomic_files.save_png(grid_path, grid)
     report = inference.overflow_report(np.concatenate(overflow), view_fn.capacity)
     cli.print_json({
         "grid": str(grid_path), "videos": videos,

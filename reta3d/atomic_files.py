@@ -10,9 +10,13 @@ from typing import Callable, Mapping
 import numpy as np
 
 
-def _write_via(path, write: Callable[[pathlib.Path], None]) -> pathlib.Path:
+def write_via(path, write: Callable[[pathlib.Path], None]) -> pathlib.Path:
+    """Calls `write(tmp)` for a hidden temporary file beside `path` (same folder, same suffix,
+    so writers that pick a format from the suffix, such as ffmpeg, still do), then renames it
+    over `path`. If `write` raises (or the process is interrupted), `path` keeps its old content
+    and the temporary is removed. Returns `path`."""
     path = pathlib.Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -24,7 +28,7 @@ def _write_via(path, write: Callable[[pathlib.Path], None]) -> pathlib.Path:
 
 def write_bytes(path, data: bytes) -> pathlib.Path:
     """Writes `data` to `path` atomically; returns the path."""
-    return _write_via(path, lambda tmp: tmp.write_bytes(data))
+    return write_via(path, lambda tmp: tmp.write_bytes(data))
 
 
 def write_text(path, text: str) -> pathlib.Path:
@@ -37,10 +41,10 @@ def save_npz(path, arrays: Mapping[str, np.ndarray]) -> pathlib.Path:
     def write(tmp):
         with open(tmp, "wb") as handle:   # a file object keeps np.savez from appending ".npz"
             np.savez(handle, **arrays)
-    return _write_via(path, write)
+    return write_via(path, write)
 
 
 def save_png(path, image: np.ndarray) -> pathlib.Path:
     """An (H, W, 3) or (H, W) uint8 image as PNG at `path`, atomically; returns the path."""
     from PIL import Image
-    return _write_via(path, lambda tmp: Image.fromarray(np.asarray(image)).save(tmp, format="PNG"))
+    return write_via(path, lambda tmp: Image.fromarray(np.asarray(image)).save(tmp, format="PNG"))

@@ -31,6 +31,8 @@ from typing import Any, Dict, Mapping, Optional
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from reta3d import atomic_files
+
 FLAGS = flags.FLAGS
 
 # The flags defined below are the calling script's key flags, not this module's.
@@ -170,7 +172,7 @@ def print_json(result: Mapping[str, Any], out=None) -> str:
     if out:
         path = pathlib.Path(out)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+        atomic_files.write_text(path, text)
     print(text, flush=True)
     return text
 

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from reta3d import atomic_files
 from reta3d.cameras import camera_path, conditioning_labels
 from reta3d.sequences import get_sequence
 from reta3d.video import VIDEO_SUFFIXES, side_by_side, timing_path, write_video
@@ -420,7 +421,7 @@ def animate_to_video(config, generator, g_vars, seeds: Sequence[int], sequence_s
     if identity is not None:
         timing["identity"] = str(identity)
     timing_file = timing_path(out)
-    timing_file.write_text(json.dumps(timing, indent=2))
+    atomic_files.write_text(timing_file, json.dumps(timing, indent=2))
     return timing
 
 

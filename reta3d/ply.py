@@ -41,6 +41,8 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
+from reta3d import atomic_files
+
 SH_C0 = 0.28209479177387814
 OPACITY_EPS = 1e-6
 _MIN_SCALE = float(np.finfo(np.float32).tiny)
@@ -125,10 +127,7 @@ def write_ply(path, gaussians, sh_degree: int = 0) -> pathlib.Path:
     header = "\n".join(header_lines(num, sh_degree)) + "\n"
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("wb") as f:
-        f.write(header.encode("ascii"))
-        f.write(record.tobytes())
-    return path
+    return atomic_files.write_bytes(path, header.encode("ascii") + record.tobytes())
 
 
 def _parse_header(data: bytes, path) -> Tuple[int, np.dtype, int]:

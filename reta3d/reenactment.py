@@ -20,7 +20,7 @@ from typing import Any, Dict, Optional, Sequence
 import jax
 import numpy as np
 
-from reta3d import inference, sequences, video
+from reta3d import atomic_files, inference, sequences, video
 from reta3d.cameras import camera_path, conditioning_labels
 
 
@@ -102,5 +102,5 @@ def reenact_video(config, generator, g_vars, video_path, seeds: Sequence[int], o
                    static_s_all_identities_incl_compile=static_s, resolution=size,
                    num_gaussians=generator.num_gaussians, **inference.device_description())
     summary.pop("frame_ms", None)
-    video.timing_path(out).write_text(json.dumps(summary, indent=2))
+    atomic_files.write_text(video.timing_path(out), json.dumps(summary, indent=2))
     return summary

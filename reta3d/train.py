@@ -37,6 +37,7 @@ from flax import struct
 
 import rasterizer
 from rasterizer.render import resolve_backend
+from reta3d import atomic_files
 from reta3d import flame as flame_lib
 from reta3d import losses
 from reta3d.networks import generator as generator_lib
@@ -837,7 +838,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     sample grids. Returns the final metrics (including swd_start and swd_end)."""
     from reta3d.checkpoint import Checkpointer
     from reta3d.data import loader as loader_lib
-    from PIL import Image
 
     t_launch = time.time()
     _maybe_initialize_distributed()
@@ -845,7 +845,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
     if is_main:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        atomic_files.write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
 
     source = prepare_data(config)
     num_devices = jax.local_device_count()
@@ -930,7 +930,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     def save_grid(g_vars, step):
         if is_main:
             grid = render_sample_grid(sample_fn, g_vars, grid_z, grid_columns)
-            Image.fromarray(grid).save(workdir / f"samples_{step:07d}.png")
+            atomic_files.save_png(workdir / f"samples_{step:07d}.png", grid)
             if (events := tensorboard()) is not None:
                 events.add_image("samples", grid, step, dataformats="HWC")
 

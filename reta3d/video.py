@@ -14,6 +14,7 @@ import pathlib
 import chex
 import numpy as np
 
+from reta3d import atomic_files
 from reta3d.sequences import DEFAULT_FPS
 
 VIDEO_SUFFIXES = (".mp4", ".gif")
@@ -51,7 +52,8 @@ def write_video(path, frames: np.ndarray, fps: float = DEFAULT_FPS) -> pathlib.P
     """frames (T, H, W, 3) uint8 → `path` (.mp4: H.264 yuv420p, odd sizes padded by one edge
     pixel; .gif: ffmpeg palettegen/paletteuse, one palette for the clip). ffmpeg writes every
     frame, so the file has exactly T frames even when consecutive frames are identical (Pillow's
-    GIF writer would merge those)."""
+    GIF writer would merge those). Written atomically: an interrupted write leaves the previous
+    file, if any, whole."""
     import imageio_ffmpeg
     path = pathlib.Path(path)
     suffix = path.suffix.lower()
@@ -73,14 +75,18 @@ def write_video(path, frames: np.ndarray, fps: float = DEFAULT_FPS) -> pathlib.P
                       output_params=["-vf", "split[a][b];[a]palettegen=stats_mode=full[p];"
                                             "[b][p]paletteuse=dither=sierra2_4a", "-loop", "0"])
     height, width = frames.shape[1:3]
-    with _ffmpeg_subprocess():
-        writer = imageio_ffmpeg.write_frames(str(path), (width, height), fps=float(fps),
-                                             ffmpeg_log_level="error", **kwargs)
-        writer.send(None)
-        for frame in frames:
-            writer.send(np.ascontiguousarray(frame))
-        writer.close()
-    return path
+
+    def write(tmp):
+        with _ffmpeg_subprocess():
+            writer = imageio_ffmpeg.write_frames(str(tmp), (width, height), fps=float(fps),
+                                                 ffmpeg_log_level="error", **kwargs)
+            try:
+                writer.send(None)
+                for frame in frames:
+                    writer.send(np.ascontiguousarray(frame))
+            finally:
+                writer.close()   # waits for ffmpeg, or stops it after an error
+    return atomic_files.write_via(path, write)
 
 
 def read_video(path) -> np.ndarray:

@@ -34,3 +34,19 @@ def test_a_failed_write_keeps_the_old_file(tmp_path):
     with np.load(target) as data:
         np.testing.assert_array_equal(data["x"], np.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["keep.npz"]
+
+
+def test_write_via_keeps_the_suffix_and_the_old_file_on_a_partial_write(tmp_path):
+    target = atomic_files.write_text(tmp_path / "clip.mp4", "old")
+    names = []
+
+    def partial(tmp):
+        names.append(tmp)
+        tmp.write_text("half of the new")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_files.write_via(target, partial)
+    assert names[0].parent == tmp_path and names[0].suffix == ".mp4" and names[0] != target
+    assert names[0].name.startswith(".")      # hidden while being written
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["clip.mp4"]

@@ -30,3 +30,39 @@ def test_side_by_side_and_grid_layout():
 
 def test_timing_path_sits_beside_the_video(tmp_path):
     assert video.timing_path(tmp_path / "talk.mp4") == tmp_path / "talk_timing.json"
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".gif"])
+def test_interrupted_video_write_keeps_the_previous_file(tmp_path, monkeypatch, suffix):
+    """ffmpeg writes into a hidden temporary with the video's suffix (so it picks the format
+    from it) that replaces the target only once ffmpeg has finished: a failure after some
+    frames were already encoded leaves the previous video whole and no temporary behind."""
+    import imageio_ffmpeg
+    old = np.zeros((3, 8, 8, 3), np.uint8)
+    old[1], old[2] = 120, 255
+    target = video.write_video(tmp_path / f"clip{suffix}", old, fps=10)
+    before = target.read_bytes()
+    real = imageio_ffmpeg.write_frames
+    seen = []
+
+    def failing_after_two_frames(path, *args, **kwargs):
+        seen.append(path)
+        writer = real(path, *args, **kwargs)
+
+        def forward():
+            writer.send((yield))
+            for _ in range(2):
+                writer.send((yield))
+            writer.close()      # ffmpeg has written a valid, shorter file at `path` by now
+            raise KeyboardInterrupt("stopped while writing")
+        gen = forward()
+        next(gen)
+        return gen
+
+    monkeypatch.setattr(imageio_ffmpeg, "write_frames", failing_after_two_frames)
+    with pytest.raises(KeyboardInterrupt):
+        video.write_video(target, np.full((6, 8, 8, 3), 60, np.uint8), fps=10)
+    assert seen and seen[0] != str(target) and seen[0].endswith(suffix)
+    assert target.read_bytes() == before
+    assert video.read_video(target).shape[0] == 3
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]

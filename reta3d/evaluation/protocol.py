@@ -53,7 +53,7 @@ class ChunkCache:
         if key_file.exists() and key_file.read_text() != text:
             raise ValueError(f"{self.folder} caches something else ({key_file.read_text()}); "
                              "delete it or use another workdir")
-        key_file.write_text(text)
+        atomic_files.write_text(key_file, text)
 
     def path(self, index: int) -> pathlib.Path:
         return self.folder / f"chunk_{index:05d}.npz"

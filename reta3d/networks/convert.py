@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from reta3d import atomic_files
 from reta3d.networks import ops
 from reta3d.networks.initialization import jit_init
 from reta3d.networks.stylegan2 import (Discriminator, Generator, MappingNetwork,
@@ -422,7 +423,7 @@ def save_converted(directory: str, kind: str, module: nn.Module,
 
     out = pathlib.Path(directory).absolute()
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(
+    atomic_files.write_text(out / "config.json", json.dumps(
         {"kind": kind, "module": module_config(module)}, indent=2) + "\n")
     ckpt_path = out / "variables"
     checkpointer = ocp.StandardCheckpointer()
