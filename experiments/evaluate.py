@@ -23,7 +23,8 @@ from reta3d import cli  # noqa: E402
 FLAGS = flags.FLAGS
 cli.define_generator_flags()
 flags.DEFINE_list("metrics", ["fid", "kid", "id", "aed", "apd", "swd"], "Metrics to compute.")
-flags.DEFINE_integer("num_images", 50000, "Generated images for FID/KID (EG3D: 50,000).")
+flags.DEFINE_integer("num_images", 50000, "Generated images for FID/KID (EG3D: 50,000); SWD "
+                     "uses as many, up to the dataset's size.")
 flags.DEFINE_integer("num_identities", 500, "Identities for ID and AED/APD (paper: 500).")
 flags.DEFINE_integer("sets_per_identity", 20, "FLAME sets per identity for AED/APD (paper: 20).")
 flags.DEFINE_string("inception", None, "FID Inception weights (.pth of pytorch-fid, or .npz).")
@@ -48,6 +49,10 @@ def main(argv):
     cli.start(argv)
     from reta3d import train
     from reta3d.evaluation import evaluate
+    unknown = sorted(set(FLAGS.metrics) - set(evaluate.METRICS))
+    if unknown:   # before the model loads
+        raise app.UsageError(f"--metrics: unknown {', '.join(unknown)}; choose from "
+                             f"{','.join(evaluate.METRICS)}")
     config, generator, g_vars = cli.load_generator_from_flags()
     out = FLAGS.out or (pathlib.Path(FLAGS.workdir) / "eval" if FLAGS.workdir else None)
     if out is None:

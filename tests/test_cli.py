@@ -79,3 +79,18 @@ def test_every_script_lists_its_flags_in_help():
         listed = set(re.findall(r"^\s+--(?:\[no\])?(\w+):", text, flags=re.M))
         missing = [f for f in SCRIPT_FLAGS[name] if f not in listed]
         assert not missing, f"{name}.py --help does not list {missing}:\n{text}"
+
+
+@pytest.mark.parametrize("script, flag, message", [
+    ("animate.py", "--flame_sequence=my_sequence.npz", "no such file. A FLAME sequence .npz comes from"),
+    ("animate.py", "--flame_sequence=builtin:dance", "unknown builtin; choose from builtin:talk"),
+    ("evaluate.py", "--metrics=swd,SWD,foo", "--metrics: unknown SWD, foo; choose from"),
+])
+def test_bad_flags_are_usage_errors_before_the_model_loads(tmp_path, script, flag, message):
+    # No checkpoint in the workdir: had the model been loaded first, that would be the error.
+    result = subprocess.run([sys.executable, str(REPO / "experiments" / script),
+                             f"--workdir={tmp_path}", flag], capture_output=True, text=True,
+                            cwd=REPO, timeout=120)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 1 and message in last, result.stderr[-2000:]
+    assert "Traceback (most recent call last)" not in result.stderr

@@ -157,6 +157,15 @@ def test_markdown_table_has_the_paper_rows_and_notes():
     assert "**demo**" in table and "12.5" in table and "0.41 dlib distance" in table
     assert "Skipped fid: bring the weights" in table
     json.dumps(report)
+    # No face in any pair: no number, the hint, and strict JSON (null, never NaN).
+    report["metrics"].update(id_dlib_distance=None, id_pairs=0, id_note=evaluate.NO_FACES_HINT,
+                             swd_num_images=8, swd=float("nan"))
+    table = evaluate.markdown_table(report)
+    assert "--id_alignment=model" in table and "between 8 generated images" in table
+    strict = evaluate.strict_json_values(report)
+    assert strict["metrics"]["swd"] is None and strict["metrics"]["id_pairs"] == 0
+    assert evaluate.strict_json_values({"a": [1.5, float("inf"), (2, -float("inf"))]}) == {
+        "a": [1.5, None, [2, None]]}
 
 
 @pytest.mark.slow
@@ -193,6 +202,7 @@ def test_evaluate_job_runs_fid_kid_swd_and_resumes(tmp_path, monkeypatch):
     m = report["metrics"]
     assert m["fid"] > 0 and np.isfinite(m["kid"]) and m["swd"] > 0
     assert m["fid_num_generated"] == 12 and m["kid_subset_size"] == 8
+    assert m["swd_num_images"] == 8       # num_images, up to the dataset's 8
     assert json.loads((out / "metrics.json").read_text())["metrics"]["fid"] == m["fid"]
     assert "**this run**" in (out / "metrics.md").read_text()
     assert list((out / "cache").glob("fake_inception_32/chunk_*.npz"))
@@ -222,6 +232,18 @@ def test_evaluate_job_runs_fid_kid_swd_and_resumes(tmp_path, monkeypatch):
                             num_identities=2, sets_per_identity=2, face_resolution=64,
                             aed_estimates=tmp_path / "off.npz", batch=4, progress=False)
     assert off["metrics"]["aed"] == pytest.approx(0.5) and off["metrics"]["estimated"] == 3
+    # An estimator that found no face anywhere: no numbers (null in strict JSON), a note.
+    np.savez(tmp_path / "none.npz", expression=expression, pose=pose, found=[0, 0, 0, 0])
+    none = evaluate.evaluate(config, generator, g_vars, source, out, metrics=("aed", "apd"),
+                             num_identities=2, sets_per_identity=2, face_resolution=64,
+                             aed_estimates=tmp_path / "none.npz", batch=4, progress=False)
+    assert none["metrics"]["aed"] is None and none["metrics"]["estimated"] == 0
+
+    def no_constants(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+    written = json.loads((out / "metrics.json").read_text(), parse_constant=no_constants)
+    assert written["metrics"]["aed"] is None
+    assert "found no face in any image" in (out / "metrics.md").read_text()
     np.savez(tmp_path / "bad.npz", expression=expression)
     with pytest.raises(ValueError, match="bad.npz"):
         evaluate.evaluate(config, generator, g_vars, source, out, metrics=("aed",),

@@ -242,3 +242,21 @@ def test_reenactment_writes_one_frame_per_input_frame(clip, tracked, tmp_path):
     left = frames[:, :, :32].astype(np.float64)
     assert np.abs(left[BLANK[0]] - 128).mean() < 6
     assert left[0].std() > 20
+
+
+def test_progress_rate_and_eta_count_from_the_first_update():
+    """The first step compiles (here 80 s); the next 10 take 0.5 s each. The rate and ETA come
+    from those alone, not from 85 s for 11 steps (0.13/s, an ETA of 10 minutes)."""
+    import io
+    now = [0.0]
+    stream = io.StringIO()
+    bar = preprocess.Progress(100, "pivotal tuning", every_s=0.0, stream=stream,
+                              clock=lambda: now[0])
+    now[0] = 80.0
+    bar.update(1)
+    now[0] = 85.0
+    bar.update(11)
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "pivotal tuning: 0/100, starting (the first step includes compilation)"
+    assert "1/100 first 80s ETA    ?s" in lines[1]
+    assert "11/100  2.00/s ETA    44s" in lines[2]     # 10 steps in 5 s; 89 left: 44.5 s

@@ -34,6 +34,10 @@ INCEPTION_HINT = (
     "pt_inception-2015-12-05-6726825d.pth (github.com/mseitzer/pytorch-fid releases) and pass "
     "--inception=that.pth, or convert it once with experiments/convert_inception.py and pass "
     "the .npz")
+NO_FACES_HINT = (
+    "ID: dlib found a face in neither image of any identity pair, so there is nothing to "
+    "compare (heads a detector does not find, such as the synthetic demo's at low resolution); "
+    "--id_alignment=model aligns the faces by the head model's own projected landmarks instead")
 ARCFACE_HINT = (
     "ID with ArcFace needs arcface_torch's backbone.pth (insightface, recognition/arcface_torch "
     "model zoo; IResNet-50 or -100): pass --arcface=backbone.pth or its conversion by "
@@ -207,7 +211,11 @@ def evaluate(config, generator, g_vars, source, out, *, metrics: Sequence[str] =
         emb = protocol.chunked(n, 50, cache, compute, bar)
         both = emb["found0"] & emb["found1"]
         a, b = emb["emb0"][both], emb["emb1"][both]
-        if kind == "cosine":
+        if not both.any():
+            results["id" if kind == "cosine" else "id_dlib_distance"] = None
+            results["id_note"] = NO_FACES_HINT
+            logging.warning(NO_FACES_HINT)
+        elif kind == "cosine":
             value = float(np.mean(np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1)
                                                         * np.linalg.norm(b, axis=-1))))
             results["id"] = value
@@ -267,7 +275,12 @@ def evaluate(config, generator, g_vars, source, out, *, metrics: Sequence[str] =
             if estimator_floor and model.name == "template_head":
                 results["estimator_floor"] = estimator_floor_on_synthetic(
                     model, emb_model, num_expression, face_resolution, seed=seed)
-        if estimated is not None:
+        if estimated is not None and not np.asarray(estimated.found).any():
+            results.update({k: None for k in ("aed", "apd", "aed_rmse", "aed_l1", "apd_rmse",
+                                              "apd_l1")}, estimated=0, images=total,
+                           aed_note="the estimator found no face in any image")
+            logging.warning("AED/APD: the estimator found no face in any of the %d images", total)
+        elif estimated is not None:
             summary = protocol.summarize_animation_accuracy(drive_expression, drive_pose,
                                                             estimated)
             results.update(summary)
@@ -278,9 +291,11 @@ def evaluate(config, generator, g_vars, source, out, *, metrics: Sequence[str] =
     if "swd" in metrics:
         start_time = time.perf_counter()
         from reta3d import train
-        swd = train.evaluate_swd(config, renderer(resolution), g_vars, source,
-                                 min(num_images, len(source)), seed=seed, batch=batch)
+        swd_images = min(num_images, len(source))
+        swd = train.evaluate_swd(config, renderer(resolution), g_vars, source, swd_images,
+                                 seed=seed, batch=batch)
         results["swd"] = float(swd["mean"])
+        results["swd_num_images"] = swd_images
         results["swd_levels"] = {str(k): float(v) for k, v in swd["levels"].items()}
         timing["swd_s"] = time.perf_counter() - start_time
 
@@ -290,9 +305,22 @@ def evaluate(config, generator, g_vars, source, out, *, metrics: Sequence[str] =
                            "face_resolution": face_resolution, "seed": seed,
                            "id_alignment": id_alignment,
                            "inception": inception, "arcface": arcface}}
-    atomic_files.write_text(out / "metrics.json", json.dumps(report, indent=2, allow_nan=True))
+    report = strict_json_values(report)
+    atomic_files.write_text(out / "metrics.json", json.dumps(report, indent=2, allow_nan=False))
     atomic_files.write_text(out / "metrics.md", markdown_table(report))
     return report
+
+
+def strict_json_values(tree):
+    """`tree` with every non-finite float (NaN, ±inf) replaced by None, so that the report is
+    strict JSON (`null`), which every JSON parser reads; NaN is not JSON."""
+    if isinstance(tree, dict):
+        return {k: strict_json_values(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [strict_json_values(v) for v in tree]
+    if isinstance(tree, float) and not math.isfinite(tree):
+        return None
+    return tree
 
 
 def export_aed_images(folder, render, g_vars, z, conditions, drive_expression, drive_pose,
@@ -415,6 +443,10 @@ def markdown_table(report: Dict[str, Any]) -> str:
     if "id_metric" in m:
         notes.append(f"ID: {m['id_metric']} over {m['id_pairs']} of {m['id_pairs_requested']} "
                      "identity pairs.")
+    notes += [m[k] + "." for k in ("id_note", "aed_note") if m.get(k)]
+    if "swd_num_images" in m:
+        notes.append(f"SWD (×10³) between {m['swd_num_images']} generated images and as many "
+                     "of the dataset's.")
     for name, why in report.get("skipped", {}).items():
         notes.append(f"Skipped {name}: {why}")
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"

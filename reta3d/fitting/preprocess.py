@@ -80,29 +80,50 @@ def interocular_distance(landmarks68) -> np.ndarray:
 
 class Progress:
     """A one-line progress bar with rate and ETA on stderr (a line per update when stderr is
-    not a terminal, at most every `every_s` seconds)."""
+    not a terminal, at most every `every_s` seconds).
 
-    def __init__(self, total: int, what: str, every_s: float = 5.0, stream=None):
+    The first unit of work usually includes compiling it (seconds to minutes on a CPU), which
+    says nothing about the rest: a line at the start says so, and the rate and ETA count from
+    the end of the first update on (until then the ETA shows "?"), as the training loop's do.
+    `clock` (seconds) is for tests."""
+
+    def __init__(self, total: int, what: str, every_s: float = 5.0, stream=None,
+                 clock=time.perf_counter):
         self.total, self.what, self.every_s = int(total), what, every_s
         self.stream = stream or sys.stderr
-        self.start = time.perf_counter()
+        self.clock = clock
+        self.start = clock()
+        self.first = None       # (time, done) at the first update: where the rate counts from
         self.last = -1e9
         self.done = 0
+        if self.total > 0:
+            print(f"{what}: 0/{self.total}, starting (the first step includes compilation)",
+                  file=self.stream, flush=True)
+
+    def rate(self, done: int, now: float) -> float:
+        """Units per second since the first update (0 before the second one)."""
+        if self.first is None or now <= self.first[0] or done <= self.first[1]:
+            return 0.0
+        return (done - self.first[1]) / (now - self.first[0])
 
     def update(self, done: int, note: str = "") -> None:
         self.done = done
-        now = time.perf_counter()
-        if now - self.last < self.every_s and done < self.total:
+        now = self.clock()
+        first_update = self.first is None
+        if first_update:
+            self.first = (now, done)
+        elif now - self.last < self.every_s and done < self.total:
             return
         self.last = now
-        elapsed = now - self.start
-        rate = done / elapsed if elapsed > 0 else 0.0
+        rate = self.rate(done, now)
         eta = (self.total - done) / rate if rate > 0 else float("nan")
         width = 30
         filled = int(width * done / max(self.total, 1))
         bar = "#" * filled + "-" * (width - filled)
         eta_text = f"{eta:5.0f}s" if np.isfinite(eta) else "   ?s"
-        line = (f"{self.what} [{bar}] {done}/{self.total} {rate:5.2f}/s ETA {eta_text}"
+        rate_text = f"{rate:5.2f}/s" if rate > 0 else f"first {now - self.start:.0f}s" \
+            if first_update else "    ?/s"
+        line = (f"{self.what} [{bar}] {done}/{self.total} {rate_text} ETA {eta_text}"
                 + (f"  {note}" if note else ""))
         end = "\r" if self.stream.isatty() and done < self.total else "\n"
         print(line, end=end, file=self.stream, flush=True)
