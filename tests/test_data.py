@@ -276,10 +276,13 @@ def test_builder_resizes_to_the_config_resolution(dataset, tmp_path):
     np.testing.assert_array_equal(small[4]["image"], expected)
 
 
-def test_builder_reuses_copy_and_rebuilds_when_folder_changes(tmp_path):
+def test_builder_reuses_copy_and_rebuilds_when_folder_changes(tmp_path, capsys):
     images, labels, flame = _sample_arrays(count=3)
     path = folder_format.write_folder(tmp_path / "faces", images, labels, flame)
     first = tfds_builder.prepare_dataset(path)  # default data_dir <folder>/tfds, native size
+    printed = capsys.readouterr().out     # what happens, not TFDS's "Downloading ..." line
+    assert f"Writing the array_record copy of {path} at {SIDE}px" in printed
+    assert "nothing is downloaded" in printed and "Downloading" not in printed
     assert pathlib.Path(first.data_dir).is_relative_to(path / "tfds")
     assert first.builder_config.resolution == SIDE
     record_file = next(pathlib.Path(first.data_dir).glob("*.array_record*"))

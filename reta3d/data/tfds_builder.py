@@ -75,6 +75,17 @@ class Reta3dFaces(tfds.core.GeneratorBasedBuilder):
         # it no longer installs on Python >= 3.9 (ModuleNotFoundError); this file is it.
         return epath.Path(inspect.getfile(cls))
 
+    # TFDS prints "Downloading and preparing dataset Unknown size ..." before preparing and
+    # "... downloaded and prepared ..." after, which reads as a download on an offline
+    # machine; nothing is downloaded here, so say what happens instead.
+    def _log_download_bytes(self) -> None:
+        config = self.builder_config
+        print(f"Writing the array_record copy of {config.folder} at {config.resolution}px to "
+              f"{self.data_dir} (once; nothing is downloaded)...", flush=True)
+
+    def _log_download_done(self) -> None:
+        print(f"  written; later runs read {self.data_dir}", flush=True)
+
     def _info(self) -> tfds.core.DatasetInfo:
         config = self.builder_config
         if not isinstance(config, FacesConfig):
