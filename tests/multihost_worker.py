@@ -10,8 +10,9 @@ environment sets JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (
 
 Writes into OUT, for process k:
   process{k}.json             record ids and flips of every batch the loader gave; the files
-                              this process opened for writing in WORKDIR (checkpoints/ aside)
-                              and the TensorBoard writers it made; the results of both runs;
+                              this process opened for writing or renamed into (atomic
+                              writes) in WORKDIR, checkpoints/ aside, and the TensorBoard
+                              writers it made; the results of both runs;
                               the step and loader position restored from the checkpoint and
                               the batch a fresh loader gives at that position
   process{k}_saved_{s}.npz    the state this process handed to the checkpointer at step s
@@ -109,6 +110,12 @@ def main():
             note_write(self)
         return path_open(self, mode, *args, **kwargs)
     pathlib.Path.open = recording_open
+    os_replace = os.replace
+
+    def recording_replace(src, dst, *args, **kwargs):   # an atomic write's final name
+        note_write(dst)
+        return os_replace(src, dst, *args, **kwargs)
+    os.replace = recording_replace
     from PIL import Image
     image_save = Image.Image.save
 
