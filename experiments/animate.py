@@ -51,29 +51,16 @@ flags.DEFINE_string("out", "out/animation.mp4", "Output video (.mp4 or .gif).")
 cli.define_identity_flag("--seed/--seeds")
 
 
-def check_sequence_flag(spec: str) -> None:
-    """A usage error for a --flame_sequence that cannot be read: an unknown builtin, or a file
-    that is not there (with where such files come from)."""
-    from reta3d import sequences
-    if spec.startswith(sequences.BUILTIN_PREFIX):
-        if spec[len(sequences.BUILTIN_PREFIX):] not in sequences.BUILTIN_SEQUENCES:
-            raise app.UsageError(f"--flame_sequence={spec}: unknown builtin; choose from " + ", ".join(
-                sequences.BUILTIN_PREFIX + n for n in sequences.BUILTIN_SEQUENCES))
-    elif not pathlib.Path(spec).is_file():
-        raise app.UsageError(
-            f"--flame_sequence={spec}: no such file. A FLAME sequence .npz comes from "
-            "experiments/track_video.py (a video of a face), the viewer's 'Save FLAME parameters' "
-            "button, or your own arrays (the layout is in this script's --help); or use a builtin: "
-            + ", ".join(sequences.BUILTIN_PREFIX + n for n in sequences.BUILTIN_SEQUENCES))
-
-
 def main(argv):
     cli.start(argv)
     from reta3d import inference, sequences, video
 
     seeds = [FLAGS.seed] if FLAGS.seed is not None else cli.parse_seeds(FLAGS.seeds)
     names = cli.parse_expression_components(FLAGS.expression_components) or None
-    check_sequence_flag(FLAGS.flame_sequence)   # before the model loads
+    try:
+        sequences.check_spec(FLAGS.flame_sequence)   # before the model loads
+    except (ValueError, FileNotFoundError) as error:
+        raise app.UsageError(f"--flame_sequence: {error}") from None
     config, generator, g_vars = cli.load_generator_from_flags()
     if names is not None:
         names = {**sequences.template_expression_index(generator.flame_model), **names}

@@ -209,9 +209,7 @@ def builtin_sequence(name: str, num_frames: int = DEFAULT_BUILTIN_FRAMES, num_ex
              relaxes, with a slight jaw opening; without a named 'smile' component only the jaw
              part remains (a warning is logged).
     """
-    if name not in BUILTIN_SEQUENCES:
-        raise ValueError(f"unknown builtin sequence '{BUILTIN_PREFIX}{name}' (choose from "
-                         + ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_SEQUENCES) + ")")
+    check_spec(BUILTIN_PREFIX + name)
     if num_frames < 1:
         raise ValueError(f"builtin:{name}: num_frames must be >= 1, got {num_frames}")
     index = dict(expression_index or {})
@@ -266,6 +264,20 @@ def builtin_sequence(name: str, num_frames: int = DEFAULT_BUILTIN_FRAMES, num_ex
                             "expression_index / --expression_components)")
     out = dict(poses, expression=expression, shape=np.zeros((num_frames, 1)))
     return {k: v.astype(np.float32) for k, v in out.items()}
+
+
+def check_spec(spec: str) -> None:
+    """Raises ValueError for an unknown 'builtin:NAME' and FileNotFoundError for a sequence file
+    that is not there (saying where such files come from), before anything is loaded."""
+    choices = ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_SEQUENCES)
+    if spec.startswith(BUILTIN_PREFIX):
+        if spec[len(BUILTIN_PREFIX):] not in BUILTIN_SEQUENCES:
+            raise ValueError(f"unknown builtin sequence '{spec}' (choose from {choices})")
+    elif not pathlib.Path(spec).is_file():
+        raise FileNotFoundError(
+            f"FLAME sequence file not found: {spec}. A sequence .npz comes from "
+            "experiments/track_video.py (a video of a face), the viewer's 'Save FLAME parameters' "
+            f"button, or your own arrays (layout: experiments/animate.py --help); builtins: {choices}")
 
 
 def get_sequence(spec: str, model, num_frames: Optional[int] = None,

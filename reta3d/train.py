@@ -792,11 +792,10 @@ def run_result(step: int, meta: Dict[str, Any]) -> Dict[str, Any]:
 
 def swd_summary(result: Dict[str, Any]) -> str:
     """The last line before the result's JSON: SWD at both ends and their ratio, as measured."""
-    line = f"swd at step {result['step']}: {result['swd_end']:.2f}"
-    if "swd_start" in result:
-        line = f"swd at step 0: {result['swd_start']:.2f}  ->  at step {result['step']}: " \
-               f"{result['swd_end']:.2f}  (ratio {result['swd_ratio']:.2f})"
-    return line
+    end = f"at step {result['step']}: {result['swd_end']:.2f}"
+    if "swd_start" not in result:
+        return f"swd {end}"
+    return f"swd at step 0: {result['swd_start']:.2f}  ->  {end}  (ratio {result['swd_ratio']:.2f})"
 
 
 def _progress_line(step, total_steps, kimg, img_per_s, metrics, left):

@@ -82,8 +82,8 @@ def test_every_script_lists_its_flags_in_help():
 
 
 @pytest.mark.parametrize("script, flag, message", [
-    ("animate.py", "--flame_sequence=my_sequence.npz", "no such file. A FLAME sequence .npz comes from"),
-    ("animate.py", "--flame_sequence=builtin:dance", "unknown builtin; choose from builtin:talk"),
+    ("animate.py", "--flame_sequence=my_sequence.npz", "not found: my_sequence.npz. A sequence .npz comes from"),
+    ("animate.py", "--flame_sequence=builtin:dance", "'builtin:dance' (choose from builtin:talk"),
     ("evaluate.py", "--metrics=swd,SWD,foo", "--metrics: unknown SWD, foo; choose from"),
 ])
 def test_bad_flags_are_usage_errors_before_the_model_loads(tmp_path, script, flag, message):

@@ -275,16 +275,15 @@ def evaluate(config, generator, g_vars, source, out, *, metrics: Sequence[str] =
             if estimator_floor and model.name == "template_head":
                 results["estimator_floor"] = estimator_floor_on_synthetic(
                     model, emb_model, num_expression, face_resolution, seed=seed)
-        if estimated is not None and not np.asarray(estimated.found).any():
-            results.update({k: None for k in ("aed", "apd", "aed_rmse", "aed_l1", "apd_rmse",
-                                              "apd_l1")}, estimated=0, images=total,
-                           aed_note="the estimator found no face in any image")
-            logging.warning("AED/APD: the estimator found no face in any of the %d images", total)
-        elif estimated is not None:
+        if estimated is not None:
             summary = protocol.summarize_animation_accuracy(drive_expression, drive_pose,
                                                             estimated)
             results.update(summary)
             results["aed"], results["apd"] = summary["aed_rmse"], summary["apd_rmse"]
+            if summary["estimated"] == 0:   # the values are NaN, written as null
+                results["aed_note"] = "the estimator found no face in any image"
+                logging.warning("AED/APD: the estimator found no face in any of the %d images",
+                                total)
         timing["aed_apd_s"] = time.perf_counter() - start_time
 
     # ---------------------------------------------------------------- SWD

@@ -121,8 +121,12 @@ class Progress:
         filled = int(width * done / max(self.total, 1))
         bar = "#" * filled + "-" * (width - filled)
         eta_text = f"{eta:5.0f}s" if np.isfinite(eta) else "   ?s"
-        rate_text = f"{rate:5.2f}/s" if rate > 0 else f"first {now - self.start:.0f}s" \
-            if first_update else "    ?/s"
+        if rate > 0:
+            rate_text = f"{rate:5.2f}/s"
+        elif first_update:
+            rate_text = f"first {now - self.start:.0f}s"
+        else:
+            rate_text = "    ?/s"
         line = (f"{self.what} [{bar}] {done}/{self.total} {rate_text} ETA {eta_text}"
                 + (f"  {note}" if note else ""))
         end = "\r" if self.stream.isatty() and done < self.total else "\n"
