@@ -16,6 +16,9 @@ the texel binding and the rasterizer. Several identities (--seeds) are rendered 
     expression (T, E), jaw_pose (T, 3), neck_pose (T, 3), global_pose (T, 3), eye_pose (T, 6)
     [optional: shape (S,) or (T, S), fps ()]
 (missing arrays are zeros; all T equal; finite). --frames keeps the first N frames of a file.
+Only the motion is transferred: each identity keeps its own head shape (neutral for a seed, the
+fitted one for --identity), as reenact.py does; --sequence_shape applies the file's shape
+instead (e.g. the tracked subject's head from track_video.py).
 The builtins drive the embedded template head's named expression components (blink, smile, ...);
 for a real FLAME model they fall back to pose (jaw, neck, eyes); name FLAME components with
 --expression_components=smile=K,... to drive them too (reta3d/sequences.py:builtin_sequence).
@@ -48,11 +51,16 @@ flags.DEFINE_float("fps", None, "Video frame rate (default: the sequence's fps, 
 flags.DEFINE_string("expression_components", None,
                     "Name FLAME expression components for the builtins, e.g. smile=1,blink=7.")
 flags.DEFINE_string("out", "out/animation.mp4", "Output video (.mp4 or .gif).")
+flags.DEFINE_bool("sequence_shape", False,
+                  "Apply the FLAME shape stored in --flame_sequence (e.g. a tracked subject's "
+                  "head) instead of each identity's own.")
 cli.define_identity_flag("--seed/--seeds")
 
 
 def main(argv):
     cli.start(argv)
+    import numpy as np
+
     from reta3d import inference, sequences, video
 
     seeds = [FLAGS.seed] if FLAGS.seed is not None else cli.parse_seeds(FLAGS.seeds)
@@ -64,8 +72,12 @@ def main(argv):
     config, generator, g_vars = cli.load_generator_from_flags()
     if names is not None:
         names = {**sequences.template_expression_index(generator.flame_model), **names}
-    static = shape = None
+    static = None
+    # The identity's own shape replaces the sequence's (neutral for seeds).
+    shape = None if FLAGS.sequence_shape else np.zeros(generator.flame_model.num_shape, np.float32)
     if FLAGS.identity is not None:
+        if FLAGS.sequence_shape:
+            raise app.UsageError("--sequence_shape and --identity both set the head's shape")
         g_vars, static, identity = cli.load_identity_from_flags(
             generator, g_vars, FLAGS.seed is not None or FLAGS["seeds"].present or FLAGS.psi != 1.0)
         shape = identity.shape
@@ -81,4 +93,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -25,6 +25,7 @@ from absl import app, flags  # noqa: E402
 import numpy as np  # noqa: E402
 
 from reta3d.evaluation import inception  # noqa: E402
+from reta3d import cli  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -72,4 +73,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

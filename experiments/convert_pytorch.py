@@ -27,6 +27,7 @@ from typing import Any, Dict, Optional
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from absl import app, flags  # noqa: E402
+from reta3d import cli  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -149,4 +150,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

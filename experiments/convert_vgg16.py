@@ -18,6 +18,7 @@ from absl import app, flags  # noqa: E402
 import numpy as np  # noqa: E402
 
 from reta3d import vgg  # noqa: E402
+from reta3d import cli  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -76,4 +77,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

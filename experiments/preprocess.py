@@ -9,14 +9,15 @@ Writes OUT/images/*.png, OUT/dataset.json, OUT/flame.json (what launch.py reads)
 OUT/preprocess_report.json (one entry per input: written, or skipped with the reason); with
 --overlays, OUT/overlays/*.jpg (detected landmarks green, fitted red, the fitted mesh). An
 interrupted run resumes where it stopped when started again with the same flags. The pipeline
-is reta3d/fitting/preprocess.py (module docstring); the summary is printed as JSON.
+is reta3d/fitting/preprocess.py (module docstring); the summary is printed as JSON, the photos
+skipped are named on stderr, and the exit status is 1 when no photo could be used.
 """
 import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 from reta3d import cli  # noqa: E402
 
@@ -39,14 +40,21 @@ flags.mark_flags_as_required(["images", "out"])
 
 def main(argv):
     cli.start(argv)
-    from reta3d.fitting import preprocess
+    from reta3d import errors
+    from reta3d.fitting import media, preprocess
+    media.list_images(FLAGS.images)   # a missing or empty folder: an error before any loading
     model, embedding = cli.load_head_and_landmarks()
     summary = preprocess.preprocess_folder(
         FLAGS.images, FLAGS.out, FLAGS.resolution, model=model, embedding=embedding,
         batch_size=FLAGS.batch_size, max_upscale=FLAGS.max_upscale, min_score=FLAGS.min_score,
-        overlays=FLAGS.overlays, overlay_background=FLAGS.overlay_background, num_steps=FLAGS.num_steps, limit=FLAGS.limit)
+        overlays=FLAGS.overlays, overlay_background=FLAGS.overlay_background,
+        num_steps=FLAGS.num_steps, limit=FLAGS.limit)
     cli.print_json(summary)
+    if not summary["written"]:
+        raise errors.InputError(
+            f"no photo of {FLAGS.images} could be used, so {FLAGS.out} is not a dataset; "
+            f"{pathlib.Path(FLAGS.out) / preprocess.REPORT_FILE} gives each photo's reason")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

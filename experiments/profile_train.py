@@ -19,8 +19,9 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+from reta3d import cli  # noqa: E402
 
 config_flags.DEFINE_config_file("config", "configs/demo.py", "Training config.")
 flags.DEFINE_integer("repeats", 5, "Timed runs per piece (median).")
@@ -172,4 +173,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

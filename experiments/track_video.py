@@ -43,6 +43,11 @@ def main(argv):
     out = pathlib.Path(FLAGS.out)
     if out.suffix.lower() != ".npz":
         raise app.UsageError(f"--out must end in .npz, got {out}")
+    if FLAGS.overlay and pathlib.Path(FLAGS.overlay).suffix.lower() not in video.VIDEO_SUFFIXES:
+        raise app.UsageError(f"--overlay must end in {' or '.join(video.VIDEO_SUFFIXES)}, "
+                             f"got {FLAGS.overlay}")
+    if not pathlib.Path(FLAGS.video).is_file():
+        raise app.UsageError(f"--video: no such file: {FLAGS.video}")
     model, embedding = cli.load_head_and_landmarks()
     result = tracking.track_video(FLAGS.video, model, embedding, resolution=FLAGS.resolution,
                                   temporal_weight=FLAGS.temporal_weight,
@@ -59,4 +64,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -13,7 +13,8 @@ level, before `app.run`):
 
 This module disclaims its key flags (`absl.flags.disclaim_key_flags`), so every flag it defines
 belongs to the calling script and is listed by that script's `--help` (which shows only the
-main module's flags). Also here: the parsers of list-valued flags (`parse_seeds`,
+main module's flags). `run(main)` replaces `absl.app.run` in every script: usage and input
+errors in one line, without the docstring or a traceback. Also here: the parsers of list-valued flags (`parse_seeds`,
 `parse_floats`, `parse_expression_components`), `load_generator_from_flags`, `print_json`
 and `warn_overflow` (the one-line rasterizer-overflow warning of the scripts).
 
@@ -31,7 +32,7 @@ from typing import Any, Dict, Mapping, Optional
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from reta3d import atomic_files
+from reta3d import atomic_files, errors
 
 FLAGS = flags.FLAGS
 
@@ -139,6 +140,33 @@ def define_timing_flags(repeats: int, warmup: int) -> None:
 # Using the flags
 # ------------------------------------------------------------------------------------------
 
+def run(main) -> None:
+    """`absl.app.run(main)` for the scripts, with the user's mistakes reported in one line:
+    an `app.UsageError` prints `usage error: …` and a pointer to `--help` (absl prints the
+    script's whole docstring and flags first, which buries the message), and a
+    `reta3d.errors.InputError` (a file, folder or setting that cannot be used; DatasetError,
+    a missing photo folder, a video without a face …) prints `error: …` without a
+    traceback. Both exit with status 1; every other exception keeps its traceback."""
+    from reta3d import errors
+
+    def main_reporting_input_errors(argv):
+        try:
+            return main(argv)
+        except app.UsageError as e:
+            _exit_with(f"usage error: {e}\nRun {pathlib.Path(sys.argv[0]).name} --help for "
+                       "the flags.", e.exitcode)
+        except errors.InputError as e:
+            _exit_with(f"error: {e}", 1)
+
+    app.run(main_reporting_input_errors)
+
+
+def _exit_with(message: str, status: int) -> None:
+    sys.stdout.flush()
+    print(message, file=sys.stderr, flush=True)
+    sys.exit(status)
+
+
 def start(argv) -> None:
     """The common first lines of a script's main: no positional arguments, absl logging at
     WARNING (JAX and orbax are chatty at INFO), JAX's persistent compilation cache on
@@ -208,14 +236,14 @@ def parse_seeds(text: str) -> list:
             continue
         match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
         if match is None:
-            raise ValueError(f"bad seed list {text!r}: '{part}' is not N or N-M (non-negative ints)")
+            raise errors.InputError(f"bad seed list {text!r}: '{part}' is not N or N-M (non-negative ints)")
         lo = int(match.group(1))
         hi = int(match.group(2)) if match.group(2) is not None else lo
         if hi < lo:
-            raise ValueError(f"bad seed range '{part}' in {text!r}: end < start")
+            raise errors.InputError(f"bad seed range '{part}' in {text!r}: end < start")
         seeds.extend(s for s in range(lo, hi + 1) if s not in seeds)
     if not seeds:
-        raise ValueError(f"empty seed list {text!r}")
+        raise errors.InputError(f"empty seed list {text!r}")
     return seeds
 
 
@@ -226,9 +254,9 @@ def parse_floats(text: Optional[str], what: str) -> list:
     try:
         values = [float(t) for t in str(text).split(",") if t.strip() != ""]
     except ValueError as e:
-        raise ValueError(f"{what}: expected a comma-separated list of numbers, got {text!r}") from e
+        raise errors.InputError(f"{what}: expected a comma-separated list of numbers, got {text!r}") from e
     if not all(math.isfinite(v) for v in values):
-        raise ValueError(f"{what}: values must be finite, got {text!r}")
+        raise errors.InputError(f"{what}: values must be finite, got {text!r}")
     return values
 
 
@@ -240,6 +268,6 @@ def parse_expression_components(text: Optional[str]) -> Dict[str, int]:
             continue
         match = re.fullmatch(r"([A-Za-z_]\w*)=(\d+)", part)
         if match is None:
-            raise ValueError(f"bad expression component '{part}' in {text!r} (expected name=index)")
+            raise errors.InputError(f"bad expression component '{part}' in {text!r} (expected name=index)")
         out[match.group(1)] = int(match.group(2))
     return out

@@ -20,7 +20,7 @@ from typing import Any, Dict, Optional, Sequence
 import jax
 import numpy as np
 
-from reta3d import atomic_files, inference, sequences, video
+from reta3d import atomic_files, errors, inference, sequences, video
 from reta3d.cameras import camera_path, conditioning_labels
 
 
@@ -63,11 +63,11 @@ def reenact_video(config, generator, g_vars, video_path, seeds: Sequence[int], o
     from reta3d.fitting import media, tracking as tracking_lib
     out = pathlib.Path(out)
     if out.suffix.lower() not in video.VIDEO_SUFFIXES:
-        raise ValueError(f"{out}: the output must end in {' or '.join(video.VIDEO_SUFFIXES)}")
+        raise errors.InputError(f"{out}: the output must end in {' or '.join(video.VIDEO_SUFFIXES)}")
     model = generator.flame_model
     if embedding is None:
         if model.name != "template_head":
-            raise ValueError(f"the generator's head model '{model.name}' needs its landmark "
+            raise errors.InputError(f"the generator's head model '{model.name}' needs its landmark "
                              "embedding (reta3d.fitting.embedding.load_embedding)")
         embedding = embedding_lib.template_embedding()
     start = time.perf_counter()

@@ -267,8 +267,9 @@ def builtin_sequence(name: str, num_frames: int = DEFAULT_BUILTIN_FRAMES, num_ex
 
 
 def check_spec(spec: str) -> None:
-    """Raises ValueError for an unknown 'builtin:NAME' and FileNotFoundError for a sequence file
-    that is not there (saying where such files come from), before anything is loaded."""
+    """Raises ValueError for an unknown 'builtin:NAME' or a file that is not an .npz (e.g. a
+    video: saying how to track it) and FileNotFoundError for a sequence file that is not there
+    (saying where such files come from), before anything is loaded."""
     choices = ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_SEQUENCES)
     if spec.startswith(BUILTIN_PREFIX):
         if spec[len(BUILTIN_PREFIX):] not in BUILTIN_SEQUENCES:
@@ -278,6 +279,11 @@ def check_spec(spec: str) -> None:
             f"FLAME sequence file not found: {spec}. A sequence .npz comes from "
             "experiments/track_video.py (a video of a face), the viewer's 'Save FLAME parameters' "
             f"button, or your own arrays (layout: experiments/animate.py --help); builtins: {choices}")
+    elif pathlib.Path(spec).suffix.lower() != ".npz":
+        raise ValueError(
+            f"{spec} is not a FLAME sequence (.npz). For a video of a face, track it first "
+            "(experiments/track_video.py --video=CLIP --out=CLIP.npz), or drive heads from it "
+            "directly with experiments/reenact.py")
 
 
 def get_sequence(spec: str, model, num_frames: Optional[int] = None,

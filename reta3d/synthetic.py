@@ -15,6 +15,7 @@ local texel spacing so the surface is closed, nearly opaque.
 """
 from __future__ import annotations
 
+import json
 import math
 import pathlib
 
@@ -25,6 +26,7 @@ import numpy as np
 import rasterizer
 from rasterizer.types import look_at_eg3d_label
 from reta3d import binding as binding_lib
+from reta3d import errors
 from reta3d import flame as flame_lib
 from reta3d.data import folder as folder_lib
 
@@ -159,12 +161,16 @@ def random_cameras(rng, count):
 def make_synthetic_dataset(path, num_images: int, resolution: int, seed: int = 0,
                            background: float = 1.0, flame_model=None, batch: int = 16,
                            uv_resolution: int = 128, mouth_resolution: int = 32):
-    """Renders `num_images` random heads at `resolution`² and writes the dataset folder.
+    """Renders `num_images` random heads at `resolution`² and writes the dataset folder, with
+    its recipe (RECIPE_FILE, `recipe`; a FLAME model's name under "head_model").
 
-    Returns the folder path. Deterministic for a seed.
+    Returns the folder path. Deterministic for a seed. Replaces an earlier synthetic dataset
+    at `path`; raises `errors.InputError` for a folder holding anything else
+    (`check_replaceable`).
     """
     if num_images <= 0:
         raise ValueError(f"num_images must be positive, got {num_images}")
+    check_replaceable(path)
     model = flame_lib.load() if flame_model is None else flame_model
     hb = binding_lib.HeadBinding.from_model(model, uv_resolution, mouth_resolution)
     geometry = texel_geometry(model, hb)
@@ -199,12 +205,13 @@ def make_synthetic_dataset(path, num_images: int, resolution: int, seed: int = 0
     flame_all["expression"] = np.pad(
         flame_all["expression"],
         ((0, 0), (0, folder_lib.NUM_EXPRESSION - flame_all["expression"].shape[1])))
-    folder = folder_lib.write_folder(path, np.concatenate(images), np.concatenate(labels),
-                                     flame_all, overwrite=True)
-    if flame_model is None:  # only the embedded head's datasets are described by a recipe
-        _write_recipe(path, recipe(num_images, resolution, seed, background, uv_resolution,
-                                   mouth_resolution))
-    return folder
+    made = recipe(num_images, resolution, seed, background, uv_resolution, mouth_resolution)
+    if model.name != TEMPLATE:
+        made["head_model"] = model.name
+    # The recipe goes in with the images (one rename): a folder with images always has one.
+    return folder_lib.write_folder(path, np.concatenate(images), np.concatenate(labels),
+                                   flame_all, overwrite=True,
+                                   extra_files={RECIPE_FILE: json.dumps(made, indent=1)})
 
 
 # Bumped whenever what the synthetic heads look like changes (cameras, γs, textures), so that
@@ -212,6 +219,7 @@ def make_synthetic_dataset(path, num_images: int, resolution: int, seed: int = 0
 # 2: EG3D's exact look-at cameras (radius around the world origin); measured γs.
 RECIPE_VERSION = 2
 RECIPE_FILE = "synthetic.json"
+TEMPLATE = "template_head"   # flame.load()'s name for the embedded head
 
 
 def recipe(num_images: int, resolution: int, seed: int = 0, background: float = 1.0,
@@ -222,29 +230,37 @@ def recipe(num_images: int, resolution: int, seed: int = 0, background: float = 
             "uv_resolution": int(uv_resolution), "mouth_resolution": int(mouth_resolution)}
 
 
-def _write_recipe(path, value: dict) -> None:
-    import json
-    import os
-    target = pathlib.Path(path) / RECIPE_FILE
-    tmp = target.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    os.replace(tmp, target)
+def check_replaceable(path) -> None:
+    """Raises `errors.InputError` when `path` holds anything but a synthetic dataset written by
+    `make_synthetic_dataset` (its RECIPE_FILE), so that building one there never deletes a
+    user's photos or dataset. A missing or empty folder is fine."""
+    path = pathlib.Path(path)
+    if path.exists() and not path.is_dir():
+        raise errors.InputError(f"{path} is a file, not a dataset folder")
+    if path.is_dir() and any(path.iterdir()) and not (path / RECIPE_FILE).is_file():
+        raise errors.InputError(
+            f"{path} holds files that make_synthetic_dataset did not write (no {RECIPE_FILE}), "
+            "which it never replaces")
 
 
 def rebuild_reason(path, wanted: dict):
-    """Why the synthetic dataset at `path` must be (re)built for `wanted`, or None if it is
-    up to date: missing, built by an older recipe version, or with other settings."""
-    import json
+    """Why the synthetic dataset at `path` must be (re)built for `wanted` (a `recipe`), or None
+    if it is up to date: missing, built by an older recipe version, or with other settings.
+    Raises `errors.InputError` (`check_replaceable`) for a folder that is not a synthetic
+    dataset."""
     path = pathlib.Path(path)
+    check_replaceable(path)
     if not (path / folder_lib.LABELS_FILE).is_file():
         return "missing"
     try:
         have = json.loads((path / RECIPE_FILE).read_text())
     except (OSError, ValueError):
-        return f"no readable {RECIPE_FILE}: built by an older version"
+        return f"unreadable {RECIPE_FILE}"
     if have.get("version") != wanted["version"]:
         return f"recipe version {have.get('version')} -> {wanted['version']}"
     changed = sorted(k for k in wanted if have.get(k) != wanted[k])
+    if have.get("head_model", TEMPLATE) != wanted.get("head_model", TEMPLATE):
+        changed.append("head_model")
     return f"settings changed: {', '.join(changed)}" if changed else None
 
 

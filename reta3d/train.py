@@ -37,7 +37,7 @@ from flax import struct
 
 import rasterizer
 from rasterizer.render import resolve_backend
-from reta3d import atomic_files
+from reta3d import atomic_files, errors
 from reta3d import flame as flame_lib
 from reta3d import losses
 from reta3d.networks import generator as generator_lib
@@ -734,7 +734,13 @@ def prepare_data(config):
         recipe = synthetic.recipe(config.data.synthetic_num_images, config.render.resolution,
                                   seed=config.seed, background=config.render.background,
                                   uv_resolution=config.data.synthetic_uv_resolution)
-        reason = synthetic.rebuild_reason(path, recipe)
+        try:
+            reason = synthetic.rebuild_reason(path, recipe)
+        except errors.InputError as e:
+            raise errors.InputError(
+                f"config.data.synthetic is True but {path} is not the synthetic dataset ({e}): "
+                "to train on the dataset there pass --config.data.synthetic=False; for the "
+                "synthetic one choose another --config.data.path") from e
         if reason:
             print(f"Building the synthetic dataset in {path} ({reason}; "
                   f"{config.data.synthetic_num_images} images at {config.render.resolution}px)...",
@@ -752,7 +758,8 @@ def prepare_data(config):
     absl_logging.set_verbosity(absl_logging.ERROR)  # tfds' per-call notices, not ours
     try:
         if jax.process_index() == 0:
-            tfds_builder.prepare_dataset(path, config.render.resolution)
+            # Its warnings are printed, not logged: the verbosity above hides absl's.
+            tfds_builder.prepare_dataset(path, config.render.resolution, warn=print)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
             multihost_utils.sync_global_devices("dataset prepared")
@@ -761,6 +768,24 @@ def prepare_data(config):
         absl_logging.set_verbosity(verbosity)
     print(f"Dataset {path}: {len(source)} images at {config.render.resolution}px", flush=True)
     return source
+
+
+def check_batch_size(batch_size: int, num_images: int, path, num_local_devices: int) -> None:
+    """Raises `errors.InputError` (saying which flag to change) unless the dataset at `path`
+    fills at least one global batch and the batch splits evenly over all devices, before
+    anything is compiled or written."""
+    devices = num_local_devices * jax.process_count()
+    if batch_size <= 0 or batch_size % devices:
+        raise errors.InputError(
+            f"config.train.batch_size = {batch_size} must be a positive multiple of the "
+            f"{devices} device(s) of this job: pass e.g. "
+            f"--config.train.batch_size={devices * max(1, batch_size // devices)}")
+    if num_images < batch_size:
+        fits = num_images // devices * devices
+        raise errors.InputError(
+            f"{path} holds {num_images} image(s), fewer than one batch of {batch_size}: add "
+            "images" + (f", or pass --config.train.batch_size={fits} (or less, a multiple "
+                        f"of the {devices} device(s))" if fits else ""))
 
 
 def seconds_left(steps_left: int, batch_size: int, window_rate: float, average_rate: float,
@@ -843,12 +868,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
-    if is_main:
-        atomic_files.write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
-
     source = prepare_data(config)
     num_devices = jax.local_device_count()
     batch_size = config.train.batch_size
+    check_batch_size(batch_size, len(source), config.data.path, num_devices)
+    if is_main:  # after the data's checks: a run that cannot start leaves nothing behind
+        atomic_files.write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
+    if config.train.swd_num_images > len(source) and is_main:
+        print(f"Note: SWD compares {len(source)} dataset images (all there are), not "
+              f"config.train.swd_num_images = {config.train.swd_num_images}", flush=True)
     total_steps = max(1, int(math.ceil(config.train.total_kimg * 1000 / batch_size)))
 
     generator = build_generator(config)

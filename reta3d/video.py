@@ -14,7 +14,7 @@ import pathlib
 import chex
 import numpy as np
 
-from reta3d import atomic_files
+from reta3d import atomic_files, errors
 from reta3d.sequences import DEFAULT_FPS
 
 VIDEO_SUFFIXES = (".mp4", ".gif")
@@ -58,7 +58,7 @@ def write_video(path, frames: np.ndarray, fps: float = DEFAULT_FPS) -> pathlib.P
     path = pathlib.Path(path)
     suffix = path.suffix.lower()
     if suffix not in VIDEO_SUFFIXES:
-        raise ValueError(f"{path}: video output must end in {' or '.join(VIDEO_SUFFIXES)}")
+        raise errors.InputError(f"{path}: video output must end in {' or '.join(VIDEO_SUFFIXES)}")
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or frames.shape[0] < 1:
         raise ValueError(f"write_video expects (T>=1, H, W, 3) uint8 frames, got "
@@ -94,7 +94,7 @@ def read_video(path) -> np.ndarray:
     import imageio.v2 as imageio
     path = pathlib.Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"video not found: {path}")
+        raise errors.MissingInputError(f"video not found: {path}")
     if path.suffix.lower() == ".gif":
         frames = imageio.mimread(path, memtest=False)
         return np.stack([np.asarray(f)[..., :3] for f in frames])

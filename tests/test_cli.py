@@ -81,16 +81,41 @@ def test_every_script_lists_its_flags_in_help():
         assert not missing, f"{name}.py --help does not list {missing}:\n{text}"
 
 
-@pytest.mark.parametrize("script, flag, message", [
-    ("animate.py", "--flame_sequence=my_sequence.npz", "not found: my_sequence.npz. A sequence .npz comes from"),
-    ("animate.py", "--flame_sequence=builtin:dance", "'builtin:dance' (choose from builtin:talk"),
-    ("evaluate.py", "--metrics=swd,SWD,foo", "--metrics: unknown SWD, foo; choose from"),
+@pytest.mark.parametrize("script, flags, message", [
+    ("animate.py", ["--workdir={tmp}", "--flame_sequence=my_sequence.npz"],
+     "usage error: --flame_sequence: FLAME sequence file not found: my_sequence.npz. A sequence "
+     ".npz comes from"),
+    ("animate.py", ["--workdir={tmp}", "--flame_sequence=builtin:dance"],
+     "'builtin:dance' (choose from builtin:talk"),
+    ("animate.py", ["--workdir={tmp}", "--flame_sequence=README.md"],
+     "README.md is not a FLAME sequence (.npz). For a video of a face, track it first"),
+    ("evaluate.py", ["--workdir={tmp}", "--metrics=swd,SWD,foo"],
+     "--metrics: unknown SWD, foo; choose from"),
+    ("track_video.py", ["--video=README.md", "--out={tmp}/a.npz", "--overlay={tmp}/a.avi"],
+     "usage error: --overlay must end in .mp4 or .gif, got"),
+    ("track_video.py", ["--video={tmp}/clip.mp4", "--out={tmp}/a.npz"],
+     "usage error: --video: no such file: "),
+    ("reenact.py", ["--workdir={tmp}", "--video=README.md", "--out={tmp}/r.avi"],
+     "usage error: --out must end in .mp4 or .gif"),
+    ("reenact.py", ["--workdir={tmp}", "--video=README.md", "--seeds=3-1"],
+     "error: bad seed range '3-1'"),
+    ("preprocess.py", ["--images={tmp}/photos", "--out={tmp}/data"],
+     "error: {tmp}/photos: no such folder"),
+    ("preprocess.py", ["--images={tmp}", "--out={tmp}/data"],
+     "error: {tmp}: no images (.png, .jpg, .jpeg, .webp, .bmp) found"),
 ])
-def test_bad_flags_are_usage_errors_before_the_model_loads(tmp_path, script, flag, message):
-    # No checkpoint in the workdir: had the model been loaded first, that would be the error.
-    result = subprocess.run([sys.executable, str(REPO / "experiments" / script),
-                             f"--workdir={tmp_path}", flag], capture_output=True, text=True,
-                            cwd=REPO, timeout=120)
-    last = result.stderr.strip().splitlines()[-1]
-    assert result.returncode == 1 and message in last, result.stderr[-2000:]
+def test_bad_flags_are_one_line_errors_before_the_model_loads(tmp_path, script, flags, message):
+    """Usage and input errors (reta3d.cli.run): the message last, on one line, without the
+    script's docstring or a traceback, before anything slow (the workdir has no checkpoint: had
+    the model been loaded first, that would be the error)."""
+    result = subprocess.run(
+        [sys.executable, str(REPO / "experiments" / script)]
+        + [f.format(tmp=tmp_path) for f in flags], capture_output=True, text=True, cwd=REPO,
+        timeout=120)
+    lines = result.stderr.strip().splitlines()
+    said = [line for line in lines if line.startswith(("usage error: ", "error: "))]
+    assert result.returncode == 1 and said and message.format(tmp=tmp_path) in said[-1], \
+        result.stderr[-2000:]
     assert "Traceback (most recent call last)" not in result.stderr
+    assert "Try --helpfull" not in result.stderr and "flags:" not in result.stderr
+    assert lines.index(said[-1]) >= len(lines) - 2   # last, or before the --help pointer

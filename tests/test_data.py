@@ -250,6 +250,32 @@ def test_missing_folder_says_what_is_expected(tmp_path):
             assert needed in message
 
 
+def test_the_layout_hint_comes_once_and_points_at_a_preprocess_report(tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    with pytest.raises(folder_format.DatasetError) as caught:
+        folder_format.validate_folder(folder)
+    message = str(caught.value)
+    assert message.count("Expected layout") == 1 and message.endswith(folder_format.HOW_TO_GET)
+    assert len(caught.value.problems) == 3       # dataset.json, flame.json, images/
+    (folder / "preprocess_report.json").write_text("{}")
+    with pytest.raises(folder_format.DatasetError) as caught:
+        folder_format.validate_folder(folder)
+    assert "Expected layout" not in str(caught.value)
+    assert str(caught.value).endswith(
+        f"{folder / 'preprocess_report.json'} is here: experiments/preprocess.py ran on this "
+        "folder but wrote no photo; its 'skipped' entries give each photo's reason.")
+
+
+def test_images_smaller_than_the_resolution_are_reported(dataset, tmp_path):
+    said = []
+    tfds_builder.prepare_dataset(dataset[0], 2 * SIDE, data_dir=tmp_path, warn=said.append)
+    assert said == [f"Warning: {NUM_IMAGES} of the {NUM_IMAGES} images of {dataset[0]} are "
+                    f"smaller than {2 * SIDE} px and will be upsampled (blurred)"]
+    tfds_builder.prepare_dataset(dataset[0], SIDE, data_dir=tmp_path / "b", warn=said.append)
+    assert len(said) == 1
+
+
 # ---------------------------------------------------------------------------------------------
 # TFDS builder
 

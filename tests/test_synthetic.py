@@ -1,8 +1,11 @@
 """The embedded synthetic dataset: a valid folder of distinct, deterministic head images."""
+import json
+
 import numpy as np
+import pytest
 from PIL import Image
 
-from reta3d import synthetic
+from reta3d import errors, synthetic
 from reta3d.data import folder
 
 
@@ -40,19 +43,54 @@ def test_synthetic_dataset_is_deterministic(tmp_path):
     assert (a / "dataset.json").read_text() == (b / "dataset.json").read_text()
 
 
+def _write_recipe(path, value):
+    (path / synthetic.RECIPE_FILE).write_text(json.dumps(value))
+
+
 def test_rebuild_reason_follows_the_recipe(tmp_path):
     from reta3d.data import folder as folder_lib
     wanted = synthetic.recipe(8, 32, seed=0, uv_resolution=32)
     assert synthetic.rebuild_reason(tmp_path, wanted) == "missing"
+    _write_recipe(tmp_path, dict(wanted, version=1))
     (tmp_path / folder_lib.LABELS_FILE).write_text("{}")
-    assert "older version" in synthetic.rebuild_reason(tmp_path, wanted)
-    synthetic._write_recipe(tmp_path, dict(wanted, version=1))
     assert synthetic.rebuild_reason(tmp_path, wanted) == \
         f"recipe version 1 -> {synthetic.RECIPE_VERSION}"
-    synthetic._write_recipe(tmp_path, dict(wanted, resolution=64))
+    _write_recipe(tmp_path, dict(wanted, resolution=64))
     assert synthetic.rebuild_reason(tmp_path, wanted) == "settings changed: resolution"
-    synthetic._write_recipe(tmp_path, wanted)
+    _write_recipe(tmp_path, dict(wanted, head_model="generic_model"))
+    assert synthetic.rebuild_reason(tmp_path, wanted) == "settings changed: head_model"
+    _write_recipe(tmp_path, wanted)
     assert synthetic.rebuild_reason(tmp_path, wanted) is None
+    (tmp_path / synthetic.RECIPE_FILE).write_text("{")
+    assert synthetic.rebuild_reason(tmp_path, wanted) == f"unreadable {synthetic.RECIPE_FILE}"
+
+
+def test_building_never_replaces_a_folder_it_did_not_write(tmp_path):
+    """A user's dataset or photo folder under the synthetic data's path is an error naming it,
+    and stays whole; an earlier synthetic dataset (its recipe written with the images) is
+    replaced."""
+    mine = tmp_path / "mine"
+    (mine / "images").mkdir(parents=True)
+    (mine / "images" / "00000.png").write_bytes(b"my photo")
+    (mine / "dataset.json").write_text("{}")
+    before = sorted(p.relative_to(mine) for p in mine.rglob("*"))
+    wanted = synthetic.recipe(4, 32, seed=0, uv_resolution=32, mouth_resolution=16)
+    for attempt in (lambda: synthetic.rebuild_reason(mine, wanted), lambda: _render(mine, 0)):
+        with pytest.raises(errors.InputError, match=f"{mine} holds files that "
+                           "make_synthetic_dataset did not write .no synthetic.json"):
+            attempt()
+    assert sorted(p.relative_to(mine) for p in mine.rglob("*")) == before
+    assert (mine / "images" / "00000.png").read_bytes() == b"my photo"
+    built = _render(tmp_path / "synthetic", seed=1)
+    assert json.loads((built / synthetic.RECIPE_FILE).read_text()) == dict(wanted, seed=1)
+    assert synthetic.rebuild_reason(built, dict(wanted, seed=1)) is None
+    first = (built / "dataset.json").read_text()
+    _render(built, seed=2)   # its own earlier output: replaced
+    assert (built / "dataset.json").read_text() != first
+    assert synthetic.rebuild_reason(built, dict(wanted, seed=2)) is None
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert synthetic.rebuild_reason(empty, wanted) == "missing"
 
 
 def test_render_heads_reproduces_the_dataset_images(tmp_path):

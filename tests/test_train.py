@@ -221,6 +221,33 @@ def test_missing_vgg_weights_is_a_clear_error(tmp_path):
     assert "random" in note and callable(features)
 
 
+def test_a_run_that_cannot_start_says_which_flag_and_writes_nothing(tmp_path):
+    """Before anything is compiled or written: a user's folder under a synthetic config is not
+    replaced (the error names the flag), and a dataset smaller than one batch names the batch
+    size that fits (the devices: conftest's 2)."""
+    from reta3d import errors
+    from reta3d.data import folder as folder_lib
+    config = tiny_config()
+    mine = tmp_path / "mine"
+    rng = np.random.default_rng(0)
+    folder_lib.write_folder(mine, rng.integers(0, 255, (3, 32, 32, 3), np.uint8),
+                            np.stack([look_at_eg3d_label(0.0, 0.0)] * 3), {})
+    listing = sorted(p.relative_to(mine) for p in mine.rglob("*"))
+    config.data.path = str(mine)
+    config.data.synthetic = True
+    with pytest.raises(errors.InputError, match="pass --config.data.synthetic=False"):
+        train.train_and_evaluate(config, tmp_path / "run")
+    assert sorted(p.relative_to(mine) for p in mine.rglob("*")) == listing
+    config.data.synthetic = False
+    with pytest.raises(errors.InputError, match=f"{mine} holds 3 image.s., fewer than one batch "
+                       "of 4: add images, or pass --config.train.batch_size=2 "):
+        train.train_and_evaluate(config, tmp_path / "run")
+    config.train.batch_size = 3
+    with pytest.raises(errors.InputError, match="multiple of the 2 device"):
+        train.train_and_evaluate(config, tmp_path / "run")
+    assert not any((tmp_path / "run").iterdir())
+
+
 def test_swap_conditioning_rolls_the_batch():
     cams = jnp.arange(4 * 25, dtype=jnp.float32).reshape(4, 25)
     key = jax.random.PRNGKey(3)

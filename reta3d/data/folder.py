@@ -48,6 +48,8 @@ import chex
 import numpy as np
 from PIL import Image
 
+from reta3d import errors
+
 NUM_SHAPE = 100
 NUM_EXPRESSION = 50
 MAX_SHAPE = 300
@@ -75,7 +77,7 @@ HOW_TO_GET = (
 )
 
 
-class DatasetError(ValueError):
+class DatasetError(errors.InputError):
     """A dataset folder that cannot be used. `problems` lists (file, message) pairs."""
 
     def __init__(self, folder, problems: Sequence[tuple[str, str]], hint: str = ""):
@@ -122,6 +124,19 @@ class FolderContents(NamedTuple):
     filenames: list
     cameras: np.ndarray
     flame: dict
+
+
+def _hint(folder: pathlib.Path, problems) -> str:
+    """What to do about a folder missing the dataset's files (once, after the list): the
+    layout and where datasets come from; for a folder experiments/preprocess.py wrote nothing
+    into, where it says why."""
+    if not any(message.startswith("missing") for _, message in problems):
+        return ""
+    report = folder / "preprocess_report.json"
+    if report.is_file():
+        return (f"{report} is here: experiments/preprocess.py ran on this folder but wrote no "
+                "photo; its 'skipped' entries give each photo's reason.")
+    return HOW_TO_GET
 
 
 def _missing_folder_error(folder: pathlib.Path) -> DatasetError:
@@ -172,7 +187,7 @@ def _load_json(folder: pathlib.Path, file: str, key: str, problems: list):
     """The list under `key` in folder/file, or None with a problem recorded."""
     path = folder / file
     if not path.is_file():
-        problems.append((str(path), f"missing ({file} is required). " + HOW_TO_GET))
+        problems.append((str(path), f"missing ({file} is required)"))
         return None
     try:
         with open(path, "rb") as handle:
@@ -270,7 +285,7 @@ def _parse_json_files(folder: pathlib.Path, problems: list):
     images_dir = folder / IMAGES_DIR
     present = list_images(folder)
     if not images_dir.is_dir():
-        problems.append((str(images_dir), "missing image directory. " + HOW_TO_GET))
+        problems.append((str(images_dir), "missing image directory"))
     elif not present:
         problems.append((str(images_dir), f"holds no image ({', '.join(IMAGE_SUFFIXES)})"))
     present_set = set(present)
@@ -342,7 +357,7 @@ def validate_folder(path, resolution: Optional[int] = None,
     labels, flame, present = _parse_json_files(folder, problems)
     sides = _check_images(folder, present, problems) if check_images else {}
     if problems:
-        raise DatasetError(folder, problems)
+        raise DatasetError(folder, problems, _hint(folder, problems))
     image_sizes: dict = {}
     for side in sides.values():
         image_sizes[side] = image_sizes.get(side, 0) + 1
@@ -435,7 +450,8 @@ def _json_lines(key: str, entries: Sequence) -> str:
 
 
 def write_folder(path, images, labels, flame: Mapping[str, np.ndarray],
-                 names: Optional[Sequence[str]] = None, overwrite: bool = False) -> pathlib.Path:
+                 names: Optional[Sequence[str]] = None, overwrite: bool = False,
+                 extra_files: Optional[Mapping[str, str]] = None) -> pathlib.Path:
     """Writes a dataset folder in the documented layout, atomically.
 
     images: (N, H, W, 3) uint8 (H == W); labels: (N, 25) EG3D camera labels; flame: dict of
@@ -443,7 +459,8 @@ def write_folder(path, images, labels, flame: Mapping[str, np.ndarray],
     expression k ≤ 100, poses 3, eye_pose 6); names: N relative names "images/….png"
     (default "images/00000.png", …). Everything is written to a temporary sibling folder and
     renamed into place, so `path` never holds half a dataset. An existing `path` is an error
-    unless overwrite=True. Returns the folder path.
+    unless overwrite=True. extra_files: {name: text} written beside dataset.json, in the same
+    rename (e.g. the synthetic dataset's recipe). Returns the folder path.
     """
     folder = pathlib.Path(path)
     images = np.asarray(images)
@@ -501,6 +518,8 @@ def write_folder(path, images, labels, flame: Mapping[str, np.ndarray],
             [name, {key: [float(v) for v in values[index]]
                     for key, values in flame_arrays.items()}]
             for index, name in enumerate(names)]))
+        for name, text in (extra_files or {}).items():
+            (staging / name).write_text(text)
         if folder.exists():
             retired = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(folder, retired)

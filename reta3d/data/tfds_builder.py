@@ -200,19 +200,23 @@ def _remove_stale_copies(builder: Reta3dFaces) -> None:
 
 def prepare_dataset(folder, resolution: Optional[int] = None, data_dir=None,
                     num_shape: int = folder_format.NUM_SHAPE,
-                    num_expression: int = folder_format.NUM_EXPRESSION) -> Reta3dFaces:
+                    num_expression: int = folder_format.NUM_EXPRESSION,
+                    warn=None) -> Reta3dFaces:
     """Builds the array_record copy of `folder` unless an up-to-date one exists.
 
     Validates the folder first (DatasetError listing every problem); returns the builder.
+    `warn(message)` reports images smaller than `resolution` (default: absl's
+    logging.warning).
     """
     builder = make_builder(folder, resolution, data_dir, num_shape, num_expression)
     if not builder.is_prepared():
         config = builder.builder_config
         summary = folder_format.validate_folder(config.folder, config.resolution)
         if summary.num_smaller_than_resolution:
-            logging.warning("%d images of %s are smaller than %d px and will be upsampled",
-                            summary.num_smaller_than_resolution, config.folder,
-                            config.resolution)
+            (warn or logging.warning)(
+                f"Warning: {summary.num_smaller_than_resolution} of the {summary.num_images} "
+                f"images of {config.folder} are smaller than {config.resolution} px and will "
+                "be upsampled (blurred)")
         builder.download_and_prepare(file_format="array_record")
         _remove_stale_copies(builder)
     return builder

@@ -1,4 +1,6 @@
-"""Reading photos and videos for fitting, with errors that name the offending file.
+"""Reading photos and videos for fitting, with errors that name the offending file
+(`reta3d.errors.InputError`, a ValueError; MissingInputError, also a FileNotFoundError, for a
+path that does not exist).
 
 `load_image` (PIL, EXIF orientation applied, any mode to RGB uint8), `list_images` (a folder's
 photos in a deterministic order) and `read_video` (frames streamed through imageio's ffmpeg
@@ -14,6 +16,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
+from reta3d.errors import InputError, MissingInputError
 from reta3d.video import _ffmpeg_subprocess
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -25,11 +28,11 @@ _FFMPEG_EXTENSION = ".mp4"
 def _require_file(path) -> pathlib.Path:
     path = pathlib.Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file")
+        raise MissingInputError(f"{path}: no such file")
     if not path.is_file():
-        raise ValueError(f"{path}: not a file")
+        raise InputError(f"{path}: not a file")
     if path.stat().st_size == 0:
-        raise ValueError(f"{path}: empty file")
+        raise InputError(f"{path}: empty file")
     return path
 
 
@@ -73,9 +76,9 @@ def load_image(path) -> np.ndarray:
                 upright = image
             rgb = _to_rgb(upright)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise ValueError(f"{path}: not a readable image ({type(err).__name__}: {err})") from err
+        raise InputError(f"{path}: not a readable image ({type(err).__name__}: {err})") from err
     if min(rgb.shape[:2]) < 1:
-        raise ValueError(f"{path}: image has no pixels ({rgb.shape})")
+        raise InputError(f"{path}: image has no pixels ({rgb.shape})")
     return np.ascontiguousarray(rgb)
 
 
@@ -89,9 +92,9 @@ def list_images(folder) -> list[pathlib.Path]:
     """
     folder = pathlib.Path(folder)
     if not folder.exists():
-        raise FileNotFoundError(f"{folder}: no such folder")
+        raise MissingInputError(f"{folder}: no such folder")
     if not folder.is_dir():
-        raise ValueError(f"{folder}: not a folder")
+        raise InputError(f"{folder}: not a folder")
     found = []
     for path in folder.rglob("*"):
         relative = path.relative_to(folder)
@@ -100,7 +103,7 @@ def list_images(folder) -> list[pathlib.Path]:
         if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
             found.append((relative.parts, path))
     if not found:
-        raise ValueError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
+        raise InputError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
     return [path for _, path in sorted(found)]
 
 
@@ -155,10 +158,10 @@ def read_video(path) -> tuple[Iterator[np.ndarray], float, Optional[int]]:
         with _ffmpeg_subprocess():
             meta = iio.immeta(path, plugin="FFMPEG", extension=_FFMPEG_EXTENSION)
     except Exception as err:  # imageio raises OSError, RuntimeError, IndexError, ... by case
-        raise ValueError(f"{path}: not a readable video ({_reason(err)})") from err
+        raise InputError(f"{path}: not a readable video ({_reason(err)})") from err
     fps = float(meta.get("fps") or 0.0)
     if not np.isfinite(fps) or fps <= 0:
-        raise ValueError(f"{path}: no frame rate in the video stream (metadata {meta})")
+        raise InputError(f"{path}: no frame rate in the video stream (metadata {meta})")
     return _frames(path), fps, _count_frames(path)
 
 
@@ -171,6 +174,6 @@ def _frames(path: pathlib.Path) -> Iterator[np.ndarray]:
         for frame in reader.iter():
             yield np.ascontiguousarray(np.asarray(frame)[..., :3])
     except (OSError, RuntimeError) as err:
-        raise ValueError(f"{path}: decoding failed ({_reason(err)})") from err
+        raise InputError(f"{path}: decoding failed ({_reason(err)})") from err
     finally:
         reader.close()

@@ -38,7 +38,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from reta3d import atomic_files
+from reta3d import atomic_files, errors
 from reta3d.fitting import crop as crop_lib
 from reta3d.fitting import fit as fit_lib
 
@@ -57,6 +57,9 @@ DEFAULT_MIN_SCORE = 0.5
 # dlib's HOG detector misses faces under ~80 px; large photos are searched downscaled to this
 # longest side (then the landmarks are predicted at full resolution).
 DETECTION_MAX_SIDE = 1024
+# Photos with a shorter side below this get a hint when no face is found (the HOG detector,
+# upsampled once, finds faces from about 40 px wide).
+SMALL_PHOTO = 160
 
 
 # ------------------------------------------------------------------------------ the reference
@@ -85,19 +88,23 @@ class Progress:
     The first unit of work usually includes compiling it (seconds to minutes on a CPU), which
     says nothing about the rest: a line at the start says so, and the rate and ETA count from
     the end of the first update on (until then the ETA shows "?"), as the training loop's do.
-    `clock` (seconds) is for tests."""
+    `first_note`: said in that line (None for a stage that compiles nothing); `initial`: units
+    finished by an earlier run (a resumed job); `clock` (seconds) is for tests."""
 
     def __init__(self, total: int, what: str, every_s: float = 5.0, stream=None,
-                 clock=time.perf_counter):
+                 clock=time.perf_counter,
+                 first_note: Optional[str] = "the first step includes compilation",
+                 initial: int = 0):
         self.total, self.what, self.every_s = int(total), what, every_s
         self.stream = stream or sys.stderr
         self.clock = clock
         self.start = clock()
         self.first = None       # (time, done) at the first update: where the rate counts from
         self.last = -1e9
-        self.done = 0
+        self.done = int(initial)    # units finished before this run (a resumed job)
         if self.total > 0:
-            print(f"{what}: 0/{self.total}, starting (the first step includes compilation)",
+            print(f"{what}: {self.done}/{self.total}, starting"
+                  + (f" ({first_note})" if first_note else ""),
                   file=self.stream, flush=True)
 
     def rate(self, done: int, now: float) -> float:
@@ -157,7 +164,7 @@ def _read_state(path: pathlib.Path) -> Dict[str, Dict[str, Any]]:
             if number == len(lines) - 1:
                 logging.warning("%s: dropping a torn last line (an interrupted write)", path)
                 continue
-            raise ValueError(f"{path}: line {number + 1} is not JSON; delete the folder "
+            raise errors.InputError(f"{path}: line {number + 1} is not JSON; delete the folder "
                              f"{path.parent} to start the preprocessing over") from None
         entries[entry["source"]] = entry
     return entries
@@ -177,7 +184,7 @@ def _check_settings(out: pathlib.Path, settings: Dict[str, Any]) -> None:
         previous = json.loads(path.read_text())
         changed = {k: (previous.get(k), v) for k, v in settings.items() if previous.get(k) != v}
         if changed:
-            raise ValueError(f"{out} was started with other settings {changed} (was, now); "
+            raise errors.InputError(f"{out} was started with other settings {changed} (was, now); "
                              "use a new --out folder or the same settings to resume")
     else:
         atomic_files.write_text(path, json.dumps(settings, indent=2))
@@ -185,19 +192,27 @@ def _check_settings(out: pathlib.Path, settings: Dict[str, Any]) -> None:
 
 # ------------------------------------------------------------------------------ overlays
 def draw_overlay(image: np.ndarray, detected=None, fitted=None, mesh_points=None,
-                 mesh_edges=None) -> np.ndarray:
+                 mesh_edges=None, min_size: int = 256) -> np.ndarray:
     """A picture of a fit: the image, the fitted mesh's edges (thin grey), the detected
     landmarks (green) and the fitted ones (red), each line from detected to fitted.
 
     image (H, W, 3) uint8; detected / fitted (68, 2) pixels; mesh_points (V, 2) pixels with
-    mesh_edges (K, 2) int vertex pairs. Returns (H, W, 3) uint8.
+    mesh_edges (K, 2) int vertex pairs. Returns (k·H, k·W, 3) uint8: an image whose shorter
+    side is below `min_size` is drawn enlarged k = ⌈min_size / min(H, W)⌉ times (bicubic),
+    so that the marks do not cover a small crop's face; k = 1 otherwise.
     """
-    canvas = Image.fromarray(np.asarray(image, np.uint8)).convert("RGB")
+    image = np.asarray(image, np.uint8)
+    k = max(1, -(-int(min_size) // min(image.shape[:2])))
+    canvas = Image.fromarray(image).convert("RGB")
+    if k > 1:
+        canvas = canvas.resize((k * image.shape[1], k * image.shape[0]), Image.BICUBIC)
+        scaled = lambda points: None if points is None else np.asarray(points, np.float64) * k
+        detected, fitted, mesh_points = scaled(detected), scaled(fitted), scaled(mesh_points)
     draw = ImageDraw.Draw(canvas, "RGBA")
     if mesh_points is not None and mesh_edges is not None:
         for a, b in np.asarray(mesh_edges):
             draw.line([tuple(mesh_points[a]), tuple(mesh_points[b])], fill=(255, 255, 255, 45))
-    r = max(1.5, image.shape[0] / 256)
+    r = max(1.5, canvas.size[1] / 256)
     if detected is not None and fitted is not None:
         for p, q in zip(detected, fitted):
             draw.line([tuple(p), tuple(q)], fill=(255, 255, 0, 255))
@@ -265,7 +280,10 @@ def prepare_photo(image: np.ndarray, reference: np.ndarray, resolution: int, *,
     face, num_faces = landmarks_lib.find_face(image, min_score=min_score,
                                               max_side=DETECTION_MAX_SIDE)
     if face is None:
-        raise PhotoSkipped("no face")
+        height, width = image.shape[:2]
+        raise PhotoSkipped("no face", "" if min(height, width) >= SMALL_PHOTO else (
+            f"the photo is {width}x{height} px; dlib's face detector misses faces narrower "
+            "than about 40 px"))
     notes = []
     if num_faces > 1:
         notes.append(f"{num_faces} faces found; the largest was taken")
@@ -387,16 +405,26 @@ def preprocess_folder(images_dir, out_dir, resolution: int = DEFAULT_RESOLUTION,
         state[k]["status"] == "written" and not (out / state[k]["name"]).exists())]
     next_index = 1 + max([int(pathlib.Path(e["name"]).stem) for e in state.values()
                           if e["status"] == "written"], default=-1)
-    bar = Progress(len(keys), "preprocess") if progress else None
     done = len(keys) - len(todo)
+    if progress and done and not todo:
+        print(f"preprocess: all {done} photos were finished by an earlier run in {out}; "
+              "writing the outputs", file=sys.stderr, flush=True)
+    # The bar counts finished photos (cropped, fitted and written, or skipped).
+    bar = Progress(len(keys), "preprocess", initial=done) if progress and todo else None
     finished_now = 0
     pending: List[_Pending] = []
+    fits = 0
 
     def flush():
-        nonlocal pending, finished_now, done
+        nonlocal pending, finished_now, done, fits
         if not pending:
             return
         real = len(pending)
+        if bar and fits == 0:
+            print(f"preprocess: fitting FLAME and cameras to {real} photo(s) "
+                  f"(batches of {batch_size}; the first fit compiles)", file=sys.stderr,
+                  flush=True)
+        fits += 1
         marks = np.stack([p.landmarks for p in pending])
         # A fixed batch shape: one compiled fit for the whole job.
         marks = np.concatenate([marks, np.repeat(marks[-1:], batch_size - real, 0)])
@@ -428,14 +456,21 @@ def preprocess_folder(images_dir, out_dir, resolution: int = DEFAULT_RESOLUTION,
         finished_now += real
         done += real
         pending = []
+        if bar:
+            bar.update(done)
+
+    skipped_now = []
 
     def skip(key, reason, **extra):
         nonlocal finished_now, done
         entry = {"source": key, "status": "skipped", "reason": reason, **extra}
         _append_state(state_path, [entry])
         state[key] = entry
+        skipped_now.append(entry)
         finished_now += 1
         done += 1
+        if bar:
+            bar.update(done)
 
     for key in todo:
         if stop_after is not None and finished_now + len(pending) >= stop_after:
@@ -460,12 +495,21 @@ def preprocess_folder(images_dir, out_dir, resolution: int = DEFAULT_RESOLUTION,
         pending.append(_Pending(key, prepared.crop, prepared.landmarks, entry))
         if len(pending) == batch_size:
             flush()
-        if bar:
-            bar.update(done + len(pending))
     flush()
-    if bar:
-        bar.update(done)
+    if progress:
+        _print_skipped(skipped_now, images_dir, out)
     return write_outputs(out, [state[k] for k in keys if k in state], len(keys))
+
+
+def _print_skipped(entries, images_dir, out, most: int = 10) -> None:
+    """The photos this run skipped, one line each (the first `most`), on stderr."""
+    for entry in entries[:most]:
+        detail = entry.get("detail")
+        print(f"skipped {pathlib.Path(images_dir) / entry['source']}: {entry['reason']}"
+              + (f" ({detail})" if detail else ""), file=sys.stderr, flush=True)
+    if len(entries) > most:
+        print(f"... and {len(entries) - most} more skipped; {out / REPORT_FILE} lists them all",
+              file=sys.stderr, flush=True)
 
 
 def write_outputs(out: pathlib.Path, entries: Sequence[Dict[str, Any]], num_inputs: int
@@ -478,10 +522,10 @@ def write_outputs(out: pathlib.Path, entries: Sequence[Dict[str, Any]], num_inpu
     by_reason: Dict[str, int] = {}
     for e in skipped:
         by_reason[e["reason"]] = by_reason.get(e["reason"], 0) + 1
-    errors = [e["error_iod"] for e in written]
+    fit_errors = [e["error_iod"] for e in written]
     summary = {"inputs": num_inputs, "finished": len(entries), "written": len(written),
                "skipped": len(skipped), "by_reason": by_reason,
-               "mean_error_iod": float(np.mean(errors)) if errors else None,
+               "mean_error_iod": float(np.mean(fit_errors)) if fit_errors else None,
                "mean_error_px": float(np.mean([e["error_px"] for e in written])) if written else None,
                "out": str(out)}
     report = {"summary": summary, "files": [

@@ -20,11 +20,14 @@ import dataclasses
 import logging
 import os
 import pathlib
+import sys
+import time
 from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 from scipy.spatial.transform import Rotation, Slerp
 
+from reta3d import errors
 from reta3d.fitting import crop as crop_lib
 from reta3d.fitting import fit as fit_lib
 
@@ -70,7 +73,7 @@ class Tracking:
         extras) atomically. Returns the path."""
         path = pathlib.Path(path)
         if path.suffix.lower() != ".npz":
-            raise ValueError(f"{path}: the sequence file must end in .npz")
+            raise errors.InputError(f"{path}: the sequence file must end in .npz")
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npz")
         np.savez(tmp, **self.sequence, fps=np.float32(self.fps),
@@ -133,13 +136,14 @@ def track_frames(frames, model, embedding, *, fps: float = 30.0,
 
     reference = reference_points(model, embedding)
     detected, affines, size = [], [], None
-    bar = Progress(num_frames or 0, "track") if progress and num_frames else None
+    bar = (Progress(num_frames, "track: landmarks", first_note=None)
+           if progress and num_frames else None)
     for index, frame in enumerate(frames):
         frame = np.asarray(frame)
         if size is None:
             size = frame.shape[:2]
         elif frame.shape[:2] != size:
-            raise ValueError(f"{source}: frame {index} is {frame.shape[:2]}, frame 0 {size}")
+            raise errors.InputError(f"{source}: frame {index} is {frame.shape[:2]}, frame 0 {size}")
         face, _ = landmarks_lib.find_face(frame, min_score=min_score)
         if face is None:
             detected.append(np.full((68, 2), np.nan, np.float32))
@@ -150,12 +154,12 @@ def track_frames(frames, model, embedding, *, fps: float = 30.0,
         if bar:
             bar.update(index + 1)
     if not detected:
-        raise ValueError(f"{source}: no frames")
+        raise errors.InputError(f"{source}: no frames")
     detected, affines = np.stack(detected), np.stack(affines)
     found = np.isfinite(detected).all(axis=(1, 2))
     total = len(found)
     if not found.any():
-        raise ValueError(f"{source}: no face found in any of its {total} frames")
+        raise errors.InputError(f"{source}: no face found in any of its {total} frames")
     missing = np.flatnonzero(~found)
     if len(missing):
         logging.warning("%s: no face in %d of %d frames (%s); their parameters are interpolated "
@@ -164,9 +168,15 @@ def track_frames(frames, model, embedding, *, fps: float = 30.0,
 
     in_crop = np.stack([crop_lib.transform_points(m, a)
                         for m, a in zip(detected[found], affines[found])])
+    if progress:
+        print(f"track: fitting FLAME and the head pose to {int(found.sum())} frames at once "
+              f"({num_steps} L-BFGS steps; it compiles first) ...", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
     fit = fit_lib.fit_landmarks(model, embedding, in_crop.astype(np.float32), resolution,
                                 shared_shape=True, temporal_weight=temporal_weight,
                                 num_steps=num_steps)
+    if progress:
+        print(f"track: fitted in {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
 
     def fill(values):
         full = np.zeros((total,) + values.shape[1:], np.float64)
