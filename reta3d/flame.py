@@ -38,6 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from reta3d import errors
+
 NUM_JOINTS = 5
 FLAME_PARENTS = (-1, 0, 1, 1, 1)
 NUM_POSE_FEATURES = 36        # (R_k - I) of the 4 non-root joints, row-major
@@ -404,9 +406,9 @@ _FLAME_HINT = ("FLAME is not downloaded by this project: register at https://fla
 
 def _require_file(path: Path, what: str):
     if not path.exists():
-        raise FileNotFoundError(f"{what} file not found: {path} ({_FLAME_HINT})")
+        raise errors.MissingInputError(f"{what} file not found: {path} ({_FLAME_HINT})")
     if not path.is_file():
-        raise FileNotFoundError(f"{what} path is not a file: {path}")
+        raise errors.MissingInputError(f"{what} path is not a file: {path}")
 
 
 def _build_model(arrays, uv, source, name, num_shape, mouth_rect, uv_source) -> FlameModel:

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from reta3d import atomic_files
+from reta3d import atomic_files, errors
 from reta3d.cameras import camera_path, conditioning_labels
 from reta3d.sequences import get_sequence
 from reta3d.video import VIDEO_SUFFIXES, side_by_side, timing_path, write_video
@@ -61,7 +61,7 @@ def load_config(config) -> Any:
         name, _, arg = str(config).partition(".py:")
         path = pathlib.Path(name + ".py")
     if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
+        raise errors.MissingInputError(f"config file not found: {path}")
     if path.suffix == ".json":
         try:
             return ml_collections.ConfigDict(json.loads(path.read_text()))
@@ -108,15 +108,15 @@ def load_generator(workdir=None, config=None, random_init: bool = False, seed: i
 
     workdir = pathlib.Path(workdir)
     if not workdir.is_dir():
-        raise FileNotFoundError(f"training workdir not found: {workdir}")
+        raise errors.MissingInputError(f"training workdir not found: {workdir}")
     config_path = workdir / "config.json"
     if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} not found: {workdir} is not a training workdir "
+        raise errors.MissingInputError(f"{config_path} not found: {workdir} is not a training workdir "
                                 "(launch.py writes config.json there when training starts)")
     config = load_config(config_path)
     checkpoints = workdir / "checkpoints"
     if not checkpoints.is_dir() or not any(p.name.isdigit() for p in checkpoints.iterdir()):
-        raise FileNotFoundError(f"no checkpoint in {checkpoints}: train first (launch.py saves "
+        raise errors.MissingInputError(f"no checkpoint in {checkpoints}: train first (launch.py saves "
                                 "every config.train.checkpoint_every steps)")
     from reta3d.checkpoint import Checkpointer
     generator = train.build_generator(config)
@@ -130,7 +130,7 @@ def load_generator(workdir=None, config=None, random_init: bool = False, seed: i
     finally:
         checkpointer.close()
     if restored is None:
-        raise FileNotFoundError(f"no checkpoint in {checkpoints}")
+        raise errors.MissingInputError(f"no checkpoint in {checkpoints}")
     step, state, _ = restored
     logging.info("Loaded G_ema from %s at step %d", checkpoints, step)
     g_vars = jax.tree_util.tree_map(jnp.asarray, state.g_ema)

@@ -82,7 +82,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from reta3d import atomic_files
+from reta3d import atomic_files, errors
 
 IDENTITY_FORMAT = "reta3d-identity"
 IDENTITY_VERSION = 1
@@ -368,7 +368,7 @@ def make_perceptual(config, vgg16: Optional[str] = None) -> Perceptual:
                           f"VGG16 with fixed RANDOM weights (vgg16='random'), layers {layers}: "
                           "a weaker perceptual distance than ImageNet VGG16", False)
     if not pathlib.Path(choice).is_file():
-        raise FileNotFoundError(
+        raise errors.MissingInputError(
             f"VGG16 weights {choice!r} not found. Convert torchvision's vgg16-397923af.pth with "
             "`python experiments/convert_vgg16.py --input=vgg16-397923af.pth --output=vgg16.npz` "
             "and pass --vgg16=vgg16.npz, or pass --vgg16=random for a fixed random VGG16.")
@@ -811,7 +811,7 @@ def read_identity(path) -> Identity:
     naming the file when it is not a readable RETA3D identity."""
     path = pathlib.Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"identity file not found: {path} (experiments/invert.py writes "
+        raise errors.MissingInputError(f"identity file not found: {path} (experiments/invert.py writes "
                                 f"OUT/{IDENTITY_FILE})")
     try:
         with np.load(path, allow_pickle=False) as archive:
@@ -864,7 +864,7 @@ def load_identity(path, generator, g_vars, *, check_generator: bool = True):
                              f"was made with ({identity.metadata.get('generator', 'unknown')})")
     if identity.tuned_params is not None:
         if not identity.tuned_params.is_file():
-            raise FileNotFoundError(f"{path} needs its PTI weights {identity.tuned_params} "
+            raise errors.MissingInputError(f"{path} needs its PTI weights {identity.tuned_params} "
                                     "(keep them beside identity.npz)")
         data = identity.tuned_params.read_bytes()
         if identity.tuned_sha256 and hashlib.sha256(data).hexdigest() != identity.tuned_sha256:

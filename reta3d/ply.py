@@ -41,7 +41,7 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
-from reta3d import atomic_files
+from reta3d import atomic_files, errors
 
 SH_C0 = 0.28209479177387814
 OPACITY_EPS = 1e-6
@@ -177,7 +177,7 @@ def read_ply(path):
     from rasterizer import Gaussians
     path = pathlib.Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"PLY file not found: {path}")
+        raise errors.MissingInputError(f"PLY file not found: {path}")
     data = path.read_bytes()
     count, dtype, offset = _parse_header(data, path)
     expected = count * dtype.itemsize

@@ -35,6 +35,8 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from reta3d import errors
+
 FLAME_KEYS = ("shape", "expression", "global_pose", "neck_pose", "jaw_pose", "eye_pose")
 POSE_WIDTHS = {"global_pose": 3, "neck_pose": 3, "jaw_pose": 3, "eye_pose": 6}
 PER_FRAME_KEYS = ("expression", "jaw_pose", "neck_pose", "global_pose", "eye_pose")
@@ -135,7 +137,7 @@ def load_flame_sequence(path, num_expression: int, num_shape: Optional[int] = No
     for every FLAME key, fps or None). Clear errors for a missing, unreadable or bad file."""
     path = pathlib.Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"FLAME sequence file not found: {path}")
+        raise errors.MissingInputError(f"FLAME sequence file not found: {path}")
     if path.suffix.lower() != ".npz":
         raise ValueError(f"{path}: a FLAME sequence must be an .npz file (layout: "
                          "reta3d/sequences.py docstring)")
@@ -275,7 +277,7 @@ def check_spec(spec: str) -> None:
         if spec[len(BUILTIN_PREFIX):] not in BUILTIN_SEQUENCES:
             raise ValueError(f"unknown builtin sequence '{spec}' (choose from {choices})")
     elif not pathlib.Path(spec).is_file():
-        raise FileNotFoundError(
+        raise errors.MissingInputError(
             f"FLAME sequence file not found: {spec}. A sequence .npz comes from "
             "experiments/track_video.py (a video of a face), the viewer's 'Save FLAME parameters' "
             f"button, or your own arrays (layout: experiments/animate.py --help); builtins: {choices}")

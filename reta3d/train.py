@@ -86,7 +86,7 @@ def build_vgg_features(config):
         return vgg.make_vgg16_features_fn(vgg.random_vgg16_params(0), layers), \
             f"VGG16 for L_ID: fixed random initialisation (config.loss.vgg16='random'), {layers}"
     if not pathlib.Path(choice).is_file():
-        raise FileNotFoundError(
+        raise errors.MissingInputError(
             f"config.loss.vgg16={choice!r}: VGG16 weights not found. Convert torchvision's "
             "vgg16-397923af.pth with `python experiments/convert_vgg16.py "
             "--input=vgg16-397923af.pth --output=vgg16.npz` (README 'Pretrained weights'), or set "

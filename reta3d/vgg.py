@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from reta3d import errors
+
 VGG16_WEIGHTS_FILE = "vgg16-397923af.pth"
 VGG16_WEIGHTS_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 
@@ -203,7 +205,7 @@ def load_vgg16_params(path: str | os.PathLike) -> dict:
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(
+        raise errors.MissingInputError(
             f"VGG16 weights not found: {path!r}. Download torchvision's {VGG16_WEIGHTS_FILE} "
             f"yourself ({VGG16_WEIGHTS_URL}) and convert it with "
             f"`python experiments/convert_vgg16.py --input={VGG16_WEIGHTS_FILE} --output={path}`."

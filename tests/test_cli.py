@@ -99,6 +99,8 @@ def test_every_script_lists_its_flags_in_help():
      "usage error: --out must end in .mp4 or .gif"),
     ("reenact.py", ["--workdir={tmp}", "--video=README.md", "--seeds=3-1"],
      "error: bad seed range '3-1'"),
+    ("sample.py", ["--workdir={tmp}"],
+     "error: {tmp}/config.json not found: {tmp} is not a training workdir"),
     ("preprocess.py", ["--images={tmp}/photos", "--out={tmp}/data"],
      "error: {tmp}/photos: no such folder"),
     ("preprocess.py", ["--images={tmp}", "--out={tmp}/data"],

@@ -14,6 +14,7 @@ import math
 import pathlib
 from typing import Any, Dict, List, Optional, Sequence
 
+from reta3d import errors
 from reta3d.networks.generator import ablation_row_name
 
 # Tab. 1(c) of the paper: (row, resolution, FID, AED, Dri FPS on one RTX 2080 Ti).
@@ -46,7 +47,7 @@ def run_row(run: str, metrics_file: str = "eval/metrics.json",
     root = pathlib.Path(run)
     config = _read_json(root / "config.json")
     if config is None:
-        raise FileNotFoundError(f"{root / 'config.json'} not found: {run} is not a training "
+        raise errors.MissingInputError(f"{root / 'config.json'} not found: {run} is not a training "
                                 "workdir (launch.py --config=configs/ablation.py:ROW --workdir=...)")
     model, head = config.get("model", {}), config.get("head", {})
     kind = head.get("frame_kind", "consecutive")

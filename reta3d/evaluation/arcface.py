@@ -49,6 +49,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from reta3d import errors
+
 ARCFACE_SIZE = 112
 # insightface `utils/face_align.py` arcface_dst: image-left eye, image-right eye, nose tip,
 # image-left mouth corner, image-right mouth corner, in 112 x 112 pixel-index coordinates.
@@ -413,7 +415,7 @@ def load_arcface_params(path: str | os.PathLike) -> dict:
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"ArcFace weights not found: {path!r}. {WEIGHTS_HINT}")
+        raise errors.MissingInputError(f"ArcFace weights not found: {path!r}. {WEIGHTS_HINT}")
     state = read_torch_state_dict(path)
     return params_from_state_dict(state, source=path)
 

@@ -18,7 +18,7 @@ from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 
-from reta3d import atomic_files
+from reta3d import atomic_files, errors
 from reta3d.evaluation import protocol
 
 METRICS = ("fid", "kid", "id", "aed", "apd", "swd")
@@ -351,7 +351,7 @@ def load_estimates(path, total: int, num_expression: int) -> "protocol.Estimates
     (rows with found = 0 or any NaN are left out). Raises ValueError naming the file."""
     path = pathlib.Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"AED/APD estimates not found: {path}")
+        raise errors.MissingInputError(f"AED/APD estimates not found: {path}")
     with np.load(path, allow_pickle=False) as data:
         missing = {"expression", "pose"} - set(data.files)
         if missing:

@@ -56,6 +56,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from reta3d import errors
+
 INPUT_SIZE = 299
 FEATURE_DIM = 2048
 BN_EPS = 1e-3  # BasicConv2d's BatchNorm2d(eps=0.001) in both PyTorch ports (TF's default).
@@ -435,7 +437,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"FID Inception weights not found: {path!r}. {WEIGHTS_HINT}")
+        raise errors.MissingInputError(f"FID Inception weights not found: {path!r}. {WEIGHTS_HINT}")
     from reta3d.networks.convert import load_state_dict_file
     try:
         state_dict, _ = load_state_dict_file(path)

@@ -47,6 +47,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from reta3d import errors
+
 NUM_LANDMARKS = 68
 NUM_CONTOUR = 17          # points 0-16
 NUM_STATIC = 51           # points 17-67: FLAME's static embedding
@@ -574,9 +576,9 @@ def load_embedding(path, model, dynamic_path=None) -> LandmarkEmbedding:
 
 def _require(path: Path):
     if not path.exists():
-        raise FileNotFoundError(f"landmark embedding file not found: {path} ({_EMBEDDING_HINT})")
+        raise errors.MissingInputError(f"landmark embedding file not found: {path} ({_EMBEDDING_HINT})")
     if not path.is_file():
-        raise FileNotFoundError(f"landmark embedding path is not a file: {path}")
+        raise errors.MissingInputError(f"landmark embedding path is not a file: {path}")
 
 
 def _require_keys(data, keys, path, what):

