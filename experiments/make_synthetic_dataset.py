@@ -14,8 +14,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from absl import flags  # noqa: E402
 from reta3d import cli  # noqa: E402
 
-flags.DEFINE_string("out", "data/synthetic64", "Output dataset folder (an earlier synthetic dataset there is replaced; any other "
-                    "folder is an error).")
+flags.DEFINE_string("out", "data/synthetic64",
+                    "Output dataset folder (an earlier synthetic dataset there is replaced; any "
+                    "other folder is an error).")
 flags.DEFINE_integer("num_images", 512, "Number of images.")
 flags.DEFINE_integer("resolution", 64, "Image size in pixels (square).")
 flags.DEFINE_integer("seed", 0, "Random seed (identities, expressions, cameras).")

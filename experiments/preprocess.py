@@ -40,7 +40,6 @@ flags.mark_flags_as_required(["images", "out"])
 
 def main(argv):
     cli.start(argv)
-    from reta3d import errors
     from reta3d.fitting import media, preprocess
     media.list_images(FLAGS.images)   # a missing or empty folder: an error before any loading
     model, embedding = cli.load_head_and_landmarks()
@@ -50,10 +49,7 @@ def main(argv):
         overlays=FLAGS.overlays, overlay_background=FLAGS.overlay_background,
         num_steps=FLAGS.num_steps, limit=FLAGS.limit)
     cli.print_json(summary)
-    if not summary["written"]:
-        raise errors.InputError(
-            f"no photo of {FLAGS.images} could be used, so {FLAGS.out} is not a dataset; "
-            f"{pathlib.Path(FLAGS.out) / preprocess.REPORT_FILE} gives each photo's reason")
+    preprocess.require_a_dataset(summary, FLAGS.images)   # exit status 1 when nothing was written
 
 
 if __name__ == "__main__":

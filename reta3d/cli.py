@@ -14,9 +14,10 @@ level, before `app.run`):
 This module disclaims its key flags (`absl.flags.disclaim_key_flags`), so every flag it defines
 belongs to the calling script and is listed by that script's `--help` (which shows only the
 main module's flags). `run(main)` replaces `absl.app.run` in every script: usage and input
-errors in one line, without the docstring or a traceback. Also here: the parsers of list-valued flags (`parse_seeds`,
-`parse_floats`, `parse_expression_components`), `load_generator_from_flags`, `print_json`
-and `warn_overflow` (the one-line rasterizer-overflow warning of the scripts).
+errors in one line, without the docstring or a traceback. Also here: the parsers of
+list-valued flags (`parse_seeds`, `parse_floats`, `parse_expression_components`; they raise
+`reta3d.errors.InputError`), `load_generator_from_flags`, `print_json` and `warn_overflow`
+(the one-line rasterizer-overflow warning of the scripts).
 
 Nothing here imports JAX at module import, so `--help` stays fast.
 """
@@ -147,8 +148,6 @@ def run(main) -> None:
     `reta3d.errors.InputError` (a file, folder or setting that cannot be used; DatasetError,
     a missing photo folder, a video without a face …) prints `error: …` without a
     traceback. Both exit with status 1; every other exception keeps its traceback."""
-    from reta3d import errors
-
     def main_reporting_input_errors(argv):
         try:
             return main(argv)
@@ -236,7 +235,8 @@ def parse_seeds(text: str) -> list:
             continue
         match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
         if match is None:
-            raise errors.InputError(f"bad seed list {text!r}: '{part}' is not N or N-M (non-negative ints)")
+            raise errors.InputError(
+                f"bad seed list {text!r}: '{part}' is not N or N-M (non-negative ints)")
         lo = int(match.group(1))
         hi = int(match.group(2)) if match.group(2) is not None else lo
         if hi < lo:
@@ -254,7 +254,8 @@ def parse_floats(text: Optional[str], what: str) -> list:
     try:
         values = [float(t) for t in str(text).split(",") if t.strip() != ""]
     except ValueError as e:
-        raise errors.InputError(f"{what}: expected a comma-separated list of numbers, got {text!r}") from e
+        raise errors.InputError(
+            f"{what}: expected a comma-separated list of numbers, got {text!r}") from e
     if not all(math.isfinite(v) for v in values):
         raise errors.InputError(f"{what}: values must be finite, got {text!r}")
     return values
@@ -268,6 +269,7 @@ def parse_expression_components(text: Optional[str]) -> Dict[str, int]:
             continue
         match = re.fullmatch(r"([A-Za-z_]\w*)=(\d+)", part)
         if match is None:
-            raise errors.InputError(f"bad expression component '{part}' in {text!r} (expected name=index)")
+            raise errors.InputError(
+                f"bad expression component '{part}' in {text!r} (expected name=index)")
         out[match.group(1)] = int(match.group(2))
     return out

@@ -111,13 +111,15 @@ def load_generator(workdir=None, config=None, random_init: bool = False, seed: i
         raise errors.MissingInputError(f"training workdir not found: {workdir}")
     config_path = workdir / "config.json"
     if not config_path.is_file():
-        raise errors.MissingInputError(f"{config_path} not found: {workdir} is not a training workdir "
-                                "(launch.py writes config.json there when training starts)")
+        raise errors.MissingInputError(
+            f"{config_path} not found: {workdir} is not a training workdir "
+            "(launch.py writes config.json there when training starts)")
     config = load_config(config_path)
     checkpoints = workdir / "checkpoints"
     if not checkpoints.is_dir() or not any(p.name.isdigit() for p in checkpoints.iterdir()):
-        raise errors.MissingInputError(f"no checkpoint in {checkpoints}: train first (launch.py saves "
-                                "every config.train.checkpoint_every steps)")
+        raise errors.MissingInputError(
+            f"no checkpoint in {checkpoints}: train first (launch.py saves "
+            "every config.train.checkpoint_every steps)")
     from reta3d.checkpoint import Checkpointer
     generator = train.build_generator(config)
     discriminator = train.build_discriminator(config)

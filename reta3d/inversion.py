@@ -811,8 +811,9 @@ def read_identity(path) -> Identity:
     naming the file when it is not a readable RETA3D identity."""
     path = pathlib.Path(path)
     if not path.is_file():
-        raise errors.MissingInputError(f"identity file not found: {path} (experiments/invert.py writes "
-                                f"OUT/{IDENTITY_FILE})")
+        raise errors.MissingInputError(
+            f"identity file not found: {path} (experiments/invert.py writes "
+            f"OUT/{IDENTITY_FILE})")
     try:
         with np.load(path, allow_pickle=False) as archive:
             data = {k: archive[k] for k in archive.files}
@@ -864,8 +865,9 @@ def load_identity(path, generator, g_vars, *, check_generator: bool = True):
                              f"was made with ({identity.metadata.get('generator', 'unknown')})")
     if identity.tuned_params is not None:
         if not identity.tuned_params.is_file():
-            raise errors.MissingInputError(f"{path} needs its PTI weights {identity.tuned_params} "
-                                    "(keep them beside identity.npz)")
+            raise errors.MissingInputError(
+                f"{path} needs its PTI weights {identity.tuned_params} "
+                "(keep them beside identity.npz)")
         data = identity.tuned_params.read_bytes()
         if identity.tuned_sha256 and hashlib.sha256(data).hexdigest() != identity.tuned_sha256:
             raise ValueError(f"{identity.tuned_params} does not match {path} (checksum): it was "

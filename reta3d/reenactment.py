@@ -63,12 +63,14 @@ def reenact_video(config, generator, g_vars, video_path, seeds: Sequence[int], o
     from reta3d.fitting import media, tracking as tracking_lib
     out = pathlib.Path(out)
     if out.suffix.lower() not in video.VIDEO_SUFFIXES:
-        raise errors.InputError(f"{out}: the output must end in {' or '.join(video.VIDEO_SUFFIXES)}")
+        raise errors.InputError(
+            f"{out}: the output must end in {' or '.join(video.VIDEO_SUFFIXES)}")
     model = generator.flame_model
     if embedding is None:
         if model.name != "template_head":
-            raise errors.InputError(f"the generator's head model '{model.name}' needs its landmark "
-                             "embedding (reta3d.fitting.embedding.load_embedding)")
+            raise errors.InputError(
+                f"the generator's head model '{model.name}' needs its landmark "
+                "embedding (reta3d.fitting.embedding.load_embedding)")
         embedding = embedding_lib.template_embedding()
     start = time.perf_counter()
     if tracking is None:

@@ -85,16 +85,10 @@ def test_every_script_lists_its_flags_in_help():
     ("animate.py", ["--workdir={tmp}", "--flame_sequence=my_sequence.npz"],
      "usage error: --flame_sequence: FLAME sequence file not found: my_sequence.npz. A sequence "
      ".npz comes from"),
-    ("animate.py", ["--workdir={tmp}", "--flame_sequence=builtin:dance"],
-     "'builtin:dance' (choose from builtin:talk"),
-    ("animate.py", ["--workdir={tmp}", "--flame_sequence=README.md"],
-     "README.md is not a FLAME sequence (.npz). For a video of a face, track it first"),
     ("evaluate.py", ["--workdir={tmp}", "--metrics=swd,SWD,foo"],
      "--metrics: unknown SWD, foo; choose from"),
     ("track_video.py", ["--video=README.md", "--out={tmp}/a.npz", "--overlay={tmp}/a.avi"],
      "usage error: --overlay must end in .mp4 or .gif, got"),
-    ("track_video.py", ["--video={tmp}/clip.mp4", "--out={tmp}/a.npz"],
-     "usage error: --video: no such file: "),
     ("reenact.py", ["--workdir={tmp}", "--video=README.md", "--out={tmp}/r.avi"],
      "usage error: --out must end in .mp4 or .gif"),
     ("reenact.py", ["--workdir={tmp}", "--video=README.md", "--seeds=3-1"],
@@ -103,8 +97,6 @@ def test_every_script_lists_its_flags_in_help():
      "error: {tmp}/config.json not found: {tmp} is not a training workdir"),
     ("preprocess.py", ["--images={tmp}/photos", "--out={tmp}/data"],
      "error: {tmp}/photos: no such folder"),
-    ("preprocess.py", ["--images={tmp}", "--out={tmp}/data"],
-     "error: {tmp}: no images (.png, .jpg, .jpeg, .webp, .bmp) found"),
 ])
 def test_bad_flags_are_one_line_errors_before_the_model_loads(tmp_path, script, flags, message):
     """Usage and input errors (reta3d.cli.run): the message last, on one line, without the

@@ -8,8 +8,6 @@ import contextlib
 import io
 import json
 import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -158,54 +156,24 @@ def test_overlay_of_a_small_crop_is_drawn_enlarged():
     assert large.shape == (300, 400, 3) and tuple(large[20, 40]) == (0, 255, 0)
 
 
-def test_preprocess_script_fails_when_no_photo_is_usable(tmp_path):
-    """A folder of photos without a face: the report is written, no dataset.json, exit
-    status 1 with one line saying where the reasons are."""
+def test_no_usable_photo_is_an_error_naming_the_report(head, tmp_path):
+    """A folder of photos without a face: the report is written, no dataset.json, and the
+    error that ends preprocess.py (exit status 1) says where the reasons are."""
     import skimage.data
+    from reta3d import errors
+    model, emb = head
     (tmp_path / "in").mkdir()
     Image.fromarray(skimage.data.coffee()).save(tmp_path / "in" / "coffee.png")
-    repo = pathlib.Path(__file__).resolve().parents[1]
-    result = subprocess.run([sys.executable, str(repo / "experiments" / "preprocess.py"),
-                             f"--images={tmp_path / 'in'}", f"--out={tmp_path / 'out'}",
-                             "--resolution=64"], capture_output=True, text=True, cwd=repo,
-                            timeout=300)
-    assert result.returncode == 1, result.stderr[-2000:]
-    last = result.stderr.strip().splitlines()[-1]
-    assert last == (f"error: no photo of {tmp_path / 'in'} could be used, so {tmp_path / 'out'} "
-                    f"is not a dataset; {tmp_path / 'out' / preprocess.REPORT_FILE} gives each "
-                    "photo's reason")
-    assert f"skipped {tmp_path / 'in' / 'coffee.png'}: no face" in result.stderr
-    assert json.loads(result.stdout)["written"] == 0
+    summary = preprocess.preprocess_folder(tmp_path / "in", tmp_path / "out", 64, model=model,
+                                           embedding=emb, progress=False)
+    assert summary["written"] == 0 and summary["by_reason"] == {"no face": 1}
     assert not (tmp_path / "out" / folder_lib.LABELS_FILE).exists()
-    assert "Traceback" not in result.stderr
-
-
-def test_preprocess_mirrored_photo_mirrors_yaw_and_roll(head, tmp_path):
-    """Known answer from a real photo: its mirror image must give the opposite yaw and roll
-    (and the same pitch), within 2°."""
-    model, emb = head
-    folder = tmp_path / "in"
-    folder.mkdir()
-    photo = astronaut()
-    Image.fromarray(photo).save(folder / "a.png")
-    Image.fromarray(photo[:, ::-1]).save(folder / "b.png")
-    preprocess.preprocess_folder(folder, tmp_path / "out", 256, model=model, embedding=emb,
-                                 batch_size=2, num_steps=200, progress=False)
-    files = json.loads((tmp_path / "out" / preprocess.REPORT_FILE).read_text())["files"]
-    a, b = (np.asarray(f["yaw_pitch_roll_deg"]) for f in files)
-    yaw_sum, pitch_difference, roll_sum = a[0] + b[0], a[1] - b[1], a[2] + b[2]
-    assert max(abs(yaw_sum), abs(pitch_difference), abs(roll_sum)) < 2.0, (a, b)
-
-
-def test_preprocess_errors_name_the_problem(head, tmp_path):
-    model, emb = head
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="empty"):
-        preprocess.preprocess_folder(tmp_path / "empty", tmp_path / "o", model=model,
-                                     embedding=emb, progress=False)
-    with pytest.raises((ValueError, FileNotFoundError), match="missing"):
-        preprocess.preprocess_folder(tmp_path / "missing", tmp_path / "o", model=model,
-                                     embedding=emb, progress=False)
+    with pytest.raises(errors.InputError) as caught:
+        preprocess.require_a_dataset(summary, tmp_path / "in")
+    assert str(caught.value) == (
+        f"no photo of {tmp_path / 'in'} could be used, so {tmp_path / 'out'} is not a dataset; "
+        f"{tmp_path / 'out' / preprocess.REPORT_FILE} gives each photo's reason")
+    preprocess.require_a_dataset(dict(summary, written=1), tmp_path / "in")
 
 
 # ------------------------------------------------------------------------------ video

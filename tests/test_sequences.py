@@ -1,4 +1,6 @@
 """FLAME sequences (reta3d/sequences.py): the .npz layout and its validation, the builtins."""
+import re
+
 import numpy as np
 import pytest
 
@@ -57,6 +59,26 @@ def test_missing_corrupt_and_unknown_sequences(tmp_path, model):
         sequences.get_sequence(str(tmp_path / "broken.npz"), model)
     with pytest.raises(ValueError, match="unknown builtin sequence 'builtin:dance'"):
         sequences.get_sequence("builtin:dance", model)
+
+
+def test_check_spec_says_where_sequences_come_from(tmp_path):
+    """animate.py's check before the model loads: unknown builtins, missing files and videos
+    (a common mix-up) each name the way out."""
+    from reta3d import errors
+    sequences.check_spec("builtin:talk")
+    with pytest.raises(ValueError, match="'builtin:dance' .choose from builtin:talk"):
+        sequences.check_spec("builtin:dance")
+    with pytest.raises(errors.MissingInputError, match="comes from experiments/track_video.py"):
+        sequences.check_spec(str(tmp_path / "nope.npz"))
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(b"not really a video")
+    with pytest.raises(ValueError, match=re.escape(
+            f"{clip} is not a FLAME sequence (.npz). For a video of a face, track it first "
+            "(experiments/track_video.py")):
+        sequences.check_spec(str(clip))
+    good = tmp_path / "s.npz"
+    np.savez(good, expression=np.zeros((2, 3), np.float32))
+    sequences.check_spec(str(good))
 
 
 def test_builtin_sequences_on_the_template_head():

@@ -47,8 +47,9 @@ def run_row(run: str, metrics_file: str = "eval/metrics.json",
     root = pathlib.Path(run)
     config = _read_json(root / "config.json")
     if config is None:
-        raise errors.MissingInputError(f"{root / 'config.json'} not found: {run} is not a training "
-                                "workdir (launch.py --config=configs/ablation.py:ROW --workdir=...)")
+        raise errors.MissingInputError(
+            f"{root / 'config.json'} not found: {run} is not a training "
+            "workdir (launch.py --config=configs/ablation.py:ROW --workdir=...)")
     model, head = config.get("model", {}), config.get("head", {})
     kind = head.get("frame_kind", "consecutive")
     row = {"run": str(run), "resolution": f"{config.get('render', {}).get('resolution')}²",

@@ -576,7 +576,8 @@ def load_embedding(path, model, dynamic_path=None) -> LandmarkEmbedding:
 
 def _require(path: Path):
     if not path.exists():
-        raise errors.MissingInputError(f"landmark embedding file not found: {path} ({_EMBEDDING_HINT})")
+        raise errors.MissingInputError(
+            f"landmark embedding file not found: {path} ({_EMBEDDING_HINT})")
     if not path.is_file():
         raise errors.MissingInputError(f"landmark embedding path is not a file: {path}")
 

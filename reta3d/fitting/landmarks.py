@@ -104,14 +104,16 @@ def packaged_model_file(name: str) -> pathlib.Path:
     found without importing it. Raises FileNotFoundError with the install hint."""
     spec = importlib.util.find_spec("face_recognition_models")
     if spec is None or not spec.submodule_search_locations:
-        raise errors.MissingInputError(f"face landmark model package face_recognition_models is not "
-                                f"installed: {INSTALL_HINT}")
+        raise errors.MissingInputError(
+            f"face landmark model package face_recognition_models is not "
+            f"installed: {INSTALL_HINT}")
     for root in spec.submodule_search_locations:
         path = pathlib.Path(root) / "models" / name
         if path.is_file():
             return path
-    raise errors.MissingInputError(f"{name} not found in face_recognition_models at "
-                            f"{list(spec.submodule_search_locations)}: {INSTALL_HINT}")
+    raise errors.MissingInputError(
+        f"{name} not found in face_recognition_models at "
+        f"{list(spec.submodule_search_locations)}: {INSTALL_HINT}")
 
 
 @functools.lru_cache(maxsize=1)

@@ -164,8 +164,9 @@ def _read_state(path: pathlib.Path) -> Dict[str, Dict[str, Any]]:
             if number == len(lines) - 1:
                 logging.warning("%s: dropping a torn last line (an interrupted write)", path)
                 continue
-            raise errors.InputError(f"{path}: line {number + 1} is not JSON; delete the folder "
-                             f"{path.parent} to start the preprocessing over") from None
+            raise errors.InputError(
+                f"{path}: line {number + 1} is not JSON; delete the folder "
+                f"{path.parent} to start the preprocessing over") from None
         entries[entry["source"]] = entry
     return entries
 
@@ -184,8 +185,9 @@ def _check_settings(out: pathlib.Path, settings: Dict[str, Any]) -> None:
         previous = json.loads(path.read_text())
         changed = {k: (previous.get(k), v) for k, v in settings.items() if previous.get(k) != v}
         if changed:
-            raise errors.InputError(f"{out} was started with other settings {changed} (was, now); "
-                             "use a new --out folder or the same settings to resume")
+            raise errors.InputError(
+                f"{out} was started with other settings {changed} (was, now); "
+                "use a new --out folder or the same settings to resume")
     else:
         atomic_files.write_text(path, json.dumps(settings, indent=2))
 
@@ -510,6 +512,16 @@ def _print_skipped(entries, images_dir, out, most: int = 10) -> None:
     if len(entries) > most:
         print(f"... and {len(entries) - most} more skipped; {out / REPORT_FILE} lists them all",
               file=sys.stderr, flush=True)
+
+
+def require_a_dataset(summary: Dict[str, Any], images_dir) -> None:
+    """Raises `errors.InputError` when `preprocess_folder` (its `summary`) wrote no photo: the
+    output folder is then no dataset, and the report says why each photo was skipped."""
+    if not summary["written"]:
+        out = pathlib.Path(summary["out"])
+        raise errors.InputError(
+            f"no photo of {images_dir} could be used, so {out} is not a dataset; "
+            f"{out / REPORT_FILE} gives each photo's reason")
 
 
 def write_outputs(out: pathlib.Path, entries: Sequence[Dict[str, Any]], num_inputs: int

@@ -439,7 +439,8 @@ def load_converted(directory: str) -> Tuple[nn.Module, Dict[str, Any]]:
     root = pathlib.Path(directory).absolute()
     config_path = root / "config.json"
     if not config_path.is_file():
-        raise errors.MissingInputError(f"{config_path} not found: not a converted-network directory")
+        raise errors.MissingInputError(
+            f"{config_path} not found: not a converted-network directory")
     try:
         meta = json.loads(config_path.read_text())
         module = build_module(meta["kind"], meta["module"])
