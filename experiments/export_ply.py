@@ -1,7 +1,8 @@
 """Export the Gaussians of one generated identity as a standard 3DGS `.ply`.
 
 The head at neutral expression (static maps decoded on the neutral FLAME mesh, with G_d at
-zero expression), or at frame i of a FLAME sequence. Layout (reta3d/ply.py): binary
+zero expression), or at frame i of a FLAME sequence (its motion; the head keeps the
+identity's own shape). Layout (reta3d/ply.py): binary
 little-endian; x, y, z, nx, ny, nz, f_dc_0..2 (SH degree 0: (colour − 0.5)/C0), opacity
 (logit), scale_0..2 (log), rot_0..3 (w, x, y, z) — what common 3DGS viewers read; the header
 is the reference 3DGS `save_ply`'s (`element vertex N` on line 3, where SIBR reads it).
@@ -65,7 +66,9 @@ def main(argv):
         length = sequence["expression"].shape[0]
         if not 0 <= FLAGS.frame < length:
             raise app.UsageError(f"--frame={FLAGS.frame} is outside the sequence's {length} frames")
-        flame = {k: v[FLAGS.frame:FLAGS.frame + 1] for k, v in sequence.items()}
+        # The frame's motion; the head keeps the identity's own shape (as animate.py does).
+        flame = {k: (np.zeros_like(v[:1]) if k == "shape" else v[FLAGS.frame:FLAGS.frame + 1])
+                 for k, v in sequence.items()}
         what = f"{FLAGS.flame_sequence} frame {FLAGS.frame}"
     else:
         flame = sequences.neutral_flame(model, cli.parse_floats(FLAGS.expression, "--expression"),

@@ -147,8 +147,10 @@ def _compose(slider: np.ndarray, base: np.ndarray) -> np.ndarray:
 
 def flame_from_state(state: ViewerState, model,
                      sequence: Optional[Mapping[str, np.ndarray]] = None) -> Dict[str, np.ndarray]:
-    """The FLAME parameters of a state → dict of (1, k) float32: shape (zeros, or the
-    sequence's), expression, global_pose, neck_pose, jaw_pose, eye_pose (left then right eye).
+    """The FLAME parameters of a state → dict of (1, k) float32: shape (zeros: a sequence
+    drives the motion only, as in animate.py and reenact.py; an inverted identity's own shape
+    is put in by the renderer), expression, global_pose, neck_pose, jaw_pose, eye_pose (left
+    then right eye).
 
     Without a sequence: zeros plus the sliders. With one (a dict of (T, k) arrays, as
     `sequences.get_sequence` returns), its frame `state.frame` (clamped to [0, T-1]) plus the
@@ -172,9 +174,6 @@ def flame_from_state(state: ViewerState, model,
     for (_, index), value in zip(components, state.expression):
         expression[index] += float(value)
     shape = np.zeros(int(model.num_shape))
-    if "shape" in base:
-        width = min(shape.size, base["shape"].size)
-        shape[:width] = base["shape"][:width]
     out["global_pose"] = _compose(euler_to_axis_angle(*state.rotation), out["global_pose"])
     out["neck_pose"] = _compose(euler_to_axis_angle(*state.neck), out["neck_pose"])
     out["jaw_pose"] = _compose(np.array([float(state.jaw), 0.0, 0.0]), out["jaw_pose"])

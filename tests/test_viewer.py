@@ -270,6 +270,11 @@ def test_flame_from_state_with_a_sequence(model):
                                     sequence)
     for key, value in sequence.items():
         np.testing.assert_allclose(frame[key][0], value[12], atol=1e-6, err_msg=key)
+    # A tracked sequence's head shape is not put on the identity: it drives the motion only.
+    tracked = dict(sequence, shape=np.ones_like(sequence["shape"]))
+    moved = viewer.flame_from_state(ViewerState(frame=12), model, tracked)
+    assert not moved["shape"].any()
+    np.testing.assert_allclose(moved["expression"][0], sequence["expression"][12], atol=1e-6)
     clamped = viewer.flame_from_state(ViewerState(frame=99), model, sequence)
     np.testing.assert_allclose(clamped["jaw_pose"][0], sequence["jaw_pose"][-1], atol=1e-6)
     values = (0.0,) * 9 + (0.7,)      # 'lips_part' is the 10th named component
