@@ -17,7 +17,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from absl import flags  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 from reta3d import cli  # noqa: E402
 
@@ -41,7 +41,9 @@ flags.mark_flags_as_required(["images", "out"])
 def main(argv):
     cli.start(argv)
     from reta3d.fitting import media, preprocess
-    media.list_images(FLAGS.images)   # a missing or empty folder: an error before any loading
+    if not pathlib.Path(FLAGS.images).is_dir():
+        raise app.UsageError(f"--images: no such folder: {FLAGS.images} (a folder of photos)")
+    media.list_images(FLAGS.images)   # a folder without photos: an error before any loading
     model, embedding = cli.load_head_and_landmarks()
     summary = preprocess.preprocess_folder(
         FLAGS.images, FLAGS.out, FLAGS.resolution, model=model, embedding=embedding,

@@ -236,14 +236,15 @@ def parse_seeds(text: str) -> list:
         match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
         if match is None:
             raise errors.InputError(
-                f"bad seed list {text!r}: '{part}' is not N or N-M (non-negative ints)")
+                f"--seeds={text}: '{part}' is not N or N-M (non-negative ints, e.g. 0-3,7)")
         lo = int(match.group(1))
         hi = int(match.group(2)) if match.group(2) is not None else lo
         if hi < lo:
-            raise errors.InputError(f"bad seed range '{part}' in {text!r}: end < start")
+            raise errors.InputError(f"--seeds={text}: the range '{part}' ends before it starts "
+                                    f"(write {hi}-{lo})")
         seeds.extend(s for s in range(lo, hi + 1) if s not in seeds)
     if not seeds:
-        raise errors.InputError(f"empty seed list {text!r}")
+        raise errors.InputError(f"--seeds={text!r}: no seed given (e.g. --seeds=0-3)")
     return seeds
 
 

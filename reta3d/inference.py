@@ -108,7 +108,9 @@ def load_generator(workdir=None, config=None, random_init: bool = False, seed: i
 
     workdir = pathlib.Path(workdir)
     if not workdir.is_dir():
-        raise errors.MissingInputError(f"training workdir not found: {workdir}")
+        raise errors.MissingInputError(
+            f"training workdir not found: {workdir} (train one with launch.py --workdir=...; "
+            "for random weights pass --config=... --random_init instead)")
     config_path = workdir / "config.json"
     if not config_path.is_file():
         raise errors.MissingInputError(

@@ -866,13 +866,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     t_launch = time.time()
     _maybe_initialize_distributed()
     workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
     source = prepare_data(config)
     num_devices = jax.local_device_count()
     batch_size = config.train.batch_size
     check_batch_size(batch_size, len(source), config.data.path, num_devices)
-    if is_main:  # after the data's checks: a run that cannot start leaves nothing behind
+    workdir.mkdir(parents=True, exist_ok=True)   # after the data's checks: a run that
+    if is_main:                                  # cannot start leaves no workdir behind
         atomic_files.write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
     if config.train.swd_num_images > len(source) and is_main:
         print(f"Note: SWD compares {len(source)} dataset images (all there are), not "

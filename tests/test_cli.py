@@ -92,11 +92,11 @@ def test_every_script_lists_its_flags_in_help():
     ("reenact.py", ["--workdir={tmp}", "--video=README.md", "--out={tmp}/r.avi"],
      "usage error: --out must end in .mp4 or .gif"),
     ("reenact.py", ["--workdir={tmp}", "--video=README.md", "--seeds=3-1"],
-     "error: bad seed range '3-1'"),
+     "error: --seeds=3-1: the range '3-1' ends before it starts (write 1-3)"),
     ("sample.py", ["--workdir={tmp}"],
      "error: {tmp}/config.json not found: {tmp} is not a training workdir"),
     ("preprocess.py", ["--images={tmp}/photos", "--out={tmp}/data"],
-     "error: {tmp}/photos: no such folder"),
+     "usage error: --images: no such folder: {tmp}/photos"),
 ])
 def test_bad_flags_are_one_line_errors_before_the_model_loads(tmp_path, script, flags, message):
     """Usage and input errors (reta3d.cli.run): the message last, on one line, without the

@@ -298,3 +298,6 @@ def test_progress_rate_and_eta_count_from_the_first_update():
     assert lines[0] == "pivotal tuning: 0/100, starting (the first step includes compilation)"
     assert "1/100 first 80s ETA    ?s" in lines[1]
     assert "11/100  2.00/s ETA    44s" in lines[2]     # 10 steps in 5 s; 89 left: 44.5 s
+    now[0] = 130.0
+    bar.update(100)
+    assert stream.getvalue().splitlines()[3].endswith("100/100  1.98/s done in 130s")   # 99 steps in 50 s

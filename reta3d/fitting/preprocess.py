@@ -127,14 +127,17 @@ class Progress:
         width = 30
         filled = int(width * done / max(self.total, 1))
         bar = "#" * filled + "-" * (width - filled)
-        eta_text = f"{eta:5.0f}s" if np.isfinite(eta) else "   ?s"
+        if done >= self.total:
+            eta_text = f"done in {now - self.start:.0f}s"
+        else:
+            eta_text = f"ETA {eta:5.0f}s" if np.isfinite(eta) else "ETA    ?s"
         if rate > 0:
             rate_text = f"{rate:5.2f}/s"
         elif first_update:
             rate_text = f"first {now - self.start:.0f}s"
         else:
             rate_text = "    ?/s"
-        line = (f"{self.what} [{bar}] {done}/{self.total} {rate_text} ETA {eta_text}"
+        line = (f"{self.what} [{bar}] {done}/{self.total} {rate_text} {eta_text}"
                 + (f"  {note}" if note else ""))
         end = "\r" if self.stream.isatty() and done < self.total else "\n"
         print(line, end=end, file=self.stream, flush=True)
