@@ -34,16 +34,14 @@ flags.mark_flags_as_required(["video"])
 def main(argv):
     cli.start(argv)
     from reta3d import reenactment, video
-    if pathlib.Path(FLAGS.out).suffix.lower() not in video.VIDEO_SUFFIXES:
-        raise app.UsageError(f"--out must end in {' or '.join(video.VIDEO_SUFFIXES)}, "
-                             f"got {FLAGS.out}")
+    video.check_output_suffix(FLAGS.out, "--out")
     if not pathlib.Path(FLAGS.video).is_file():
         raise app.UsageError(f"--video: no such file: {FLAGS.video}")
-    cli.parse_seeds(FLAGS.seeds)
+    seeds = cli.parse_seeds(FLAGS.seeds)
     config, generator, g_vars = cli.load_generator_from_flags()
     _, embedding = cli.load_head_and_landmarks(model=generator.flame_model)
     summary = reenactment.reenact_video(
-        config, generator, g_vars, FLAGS.video, cli.parse_seeds(FLAGS.seeds), FLAGS.out,
+        config, generator, g_vars, FLAGS.video, seeds, FLAGS.out,
         embedding=embedding, truncation_psi=FLAGS.psi, temporal_weight=FLAGS.temporal_weight,
         num_steps=FLAGS.num_steps, **cli.render_options())
     # As animate.py prints it: the timing JSON's content and where it is.

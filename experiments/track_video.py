@@ -43,9 +43,8 @@ def main(argv):
     out = pathlib.Path(FLAGS.out)
     if out.suffix.lower() != ".npz":
         raise app.UsageError(f"--out must end in .npz, got {out}")
-    if FLAGS.overlay and pathlib.Path(FLAGS.overlay).suffix.lower() not in video.VIDEO_SUFFIXES:
-        raise app.UsageError(f"--overlay must end in {' or '.join(video.VIDEO_SUFFIXES)}, "
-                             f"got {FLAGS.overlay}")
+    if FLAGS.overlay:
+        video.check_output_suffix(FLAGS.overlay, "--overlay")
     if not pathlib.Path(FLAGS.video).is_file():
         raise app.UsageError(f"--video: no such file: {FLAGS.video}")
     model, embedding = cli.load_head_and_landmarks()

@@ -42,7 +42,7 @@ import numpy as np
 from reta3d import atomic_files, errors
 from reta3d.cameras import camera_path, conditioning_labels
 from reta3d.sequences import get_sequence
-from reta3d.video import VIDEO_SUFFIXES, side_by_side, timing_path, write_video
+from reta3d.video import check_output_suffix, side_by_side, timing_path, write_video
 
 
 # ------------------------------------------------------------------------------------------
@@ -396,9 +396,7 @@ def animate_to_video(config, generator, g_vars, seeds: Sequence[int], sequence_s
     shape replacing the sequence's on every frame (the identity's own head); identity: a name
     recorded in the JSON.
     """
-    out = pathlib.Path(out)
-    if out.suffix.lower() not in VIDEO_SUFFIXES:
-        raise ValueError(f"{out}: the animation output must end in {' or '.join(VIDEO_SUFFIXES)}")
+    out = check_output_suffix(out, "the animation output")
     sequence, sequence_fps = get_sequence(sequence_spec, generator.flame_model, num_frames,
                                           expression_index)
     num = int(sequence["expression"].shape[0])

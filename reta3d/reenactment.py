@@ -13,7 +13,6 @@ clip's frame rate; the tracked sequence (.npz, animate.py's layout) and a timing
 from __future__ import annotations
 
 import json
-import pathlib
 import time
 from typing import Any, Dict, Optional, Sequence
 
@@ -61,10 +60,7 @@ def reenact_video(config, generator, g_vars, video_path, seeds: Sequence[int], o
     """
     from reta3d.fitting import embedding as embedding_lib
     from reta3d.fitting import media, tracking as tracking_lib
-    out = pathlib.Path(out)
-    if out.suffix.lower() not in video.VIDEO_SUFFIXES:
-        raise errors.InputError(
-            f"{out}: the output must end in {' or '.join(video.VIDEO_SUFFIXES)}")
+    out = video.check_output_suffix(out, "the reenactment output")
     model = generator.flame_model
     if embedding is None:
         if model.name != "template_head":

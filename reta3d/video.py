@@ -48,6 +48,15 @@ def _ffmpeg_subprocess():
     yield
 
 
+def check_output_suffix(path, what: str = "video output") -> pathlib.Path:
+    """`path` as a Path; raises `errors.InputError` (naming `what`, e.g. a flag) unless it ends in
+    one of VIDEO_SUFFIXES. Scripts call it before any work, `write_video` again at the end."""
+    path = pathlib.Path(path)
+    if path.suffix.lower() not in VIDEO_SUFFIXES:
+        raise errors.InputError(f"{what} must end in {' or '.join(VIDEO_SUFFIXES)}, got {path}")
+    return path
+
+
 def write_video(path, frames: np.ndarray, fps: float = DEFAULT_FPS) -> pathlib.Path:
     """frames (T, H, W, 3) uint8 → `path` (.mp4: H.264 yuv420p, odd sizes padded by one edge
     pixel; .gif: ffmpeg palettegen/paletteuse, one palette for the clip). ffmpeg writes every
@@ -55,10 +64,8 @@ def write_video(path, frames: np.ndarray, fps: float = DEFAULT_FPS) -> pathlib.P
     GIF writer would merge those). Written atomically: an interrupted write leaves the previous
     file, if any, whole."""
     import imageio_ffmpeg
-    path = pathlib.Path(path)
+    path = check_output_suffix(path)
     suffix = path.suffix.lower()
-    if suffix not in VIDEO_SUFFIXES:
-        raise errors.InputError(f"{path}: video output must end in {' or '.join(VIDEO_SUFFIXES)}")
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or frames.shape[0] < 1:
         raise ValueError(f"write_video expects (T>=1, H, W, 3) uint8 frames, got "
