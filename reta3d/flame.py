@@ -372,7 +372,7 @@ def load(path=None, uv_path=None, mouth_rect: Optional[Sequence[float]] = None,
         elif suffix == ".npz":
             arrays = _read_npz(path)
         else:
-            raise ValueError(f"{path}: unsupported FLAME model file type '{suffix}' (expected .pkl or .npz)")
+            raise errors.InputError(f"{path}: unsupported FLAME model file type '{suffix}' (expected .pkl or .npz)")
         if uv_path is not None:
             uv = _read_uv(Path(uv_path))
         elif "vt" in arrays and "ft" in arrays:
@@ -414,42 +414,42 @@ def _require_file(path: Path, what: str):
 def _build_model(arrays, uv, source, name, num_shape, mouth_rect, uv_source) -> FlameModel:
     for key in _REQUIRED_KEYS:
         if key not in arrays:
-            raise ValueError(f"{source}: missing key '{key}' (a FLAME model has {', '.join(_REQUIRED_KEYS)})")
+            raise errors.InputError(f"{source}: missing key '{key}' (a FLAME model has {', '.join(_REQUIRED_KEYS)})")
     get = {key: _as_array(arrays[key], key, source) for key in _REQUIRED_KEYS}
 
     v_template = _float_array(get["v_template"], "v_template", source)
     if v_template.ndim != 2 or v_template.shape[1] != 3:
-        raise ValueError(f"{source}: v_template must be (V, 3), got shape {v_template.shape}")
+        raise errors.InputError(f"{source}: v_template must be (V, 3), got shape {v_template.shape}")
     num_vertices = v_template.shape[0]
 
     shapedirs = _float_array(get["shapedirs"], "shapedirs", source)
     if shapedirs.ndim != 3 or shapedirs.shape[:2] != (num_vertices, 3):
-        raise ValueError(f"{source}: shapedirs must be ({num_vertices}, 3, K), got shape {shapedirs.shape}")
+        raise errors.InputError(f"{source}: shapedirs must be ({num_vertices}, 3, K), got shape {shapedirs.shape}")
     num_shape = int(num_shape)
     if not 0 < num_shape < shapedirs.shape[2]:
-        raise ValueError(f"{source}: shapedirs has {shapedirs.shape[2]} columns; num_shape={num_shape} "
+        raise errors.InputError(f"{source}: shapedirs has {shapedirs.shape[2]} columns; num_shape={num_shape} "
                          "must leave at least one expression column (FLAME: 300 shape + 100 expression)")
 
     posedirs = _float_array(get["posedirs"], "posedirs", source)
     if posedirs.shape == (num_vertices * 3, NUM_POSE_FEATURES):
         posedirs = posedirs.reshape(num_vertices, 3, NUM_POSE_FEATURES)
     if posedirs.shape != (num_vertices, 3, NUM_POSE_FEATURES):
-        raise ValueError(f"{source}: posedirs must be ({num_vertices}, 3, 36) or ({num_vertices * 3}, 36), "
+        raise errors.InputError(f"{source}: posedirs must be ({num_vertices}, 3, 36) or ({num_vertices * 3}, 36), "
                          f"got shape {posedirs.shape}")
 
     regressor = _float_array(get["J_regressor"], "J_regressor", source)
     if regressor.shape != (NUM_JOINTS, num_vertices):
-        raise ValueError(f"{source}: J_regressor must be (5, {num_vertices}), got shape {regressor.shape}")
+        raise errors.InputError(f"{source}: J_regressor must be (5, {num_vertices}), got shape {regressor.shape}")
     weights = _float_array(get["weights"], "weights", source)
     if weights.shape != (num_vertices, NUM_JOINTS):
-        raise ValueError(f"{source}: weights must be ({num_vertices}, 5), got shape {weights.shape}")
+        raise errors.InputError(f"{source}: weights must be ({num_vertices}, 5), got shape {weights.shape}")
 
     kintree = np.asarray(get["kintree_table"])
     if kintree.shape != (2, NUM_JOINTS) or kintree.dtype.kind not in "iu":
-        raise ValueError(f"{source}: kintree_table must be (2, 5) integers, got {kintree.dtype} {kintree.shape}")
+        raise errors.InputError(f"{source}: kintree_table must be (2, 5) integers, got {kintree.dtype} {kintree.shape}")
     parents = tuple(-1 if (p < 0 or p >= NUM_JOINTS) else int(p) for p in kintree[0].astype(np.int64))
     if parents != FLAME_PARENTS:
-        raise ValueError(f"{source}: kintree_table parents {parents} are not FLAME's {FLAME_PARENTS}")
+        raise errors.InputError(f"{source}: kintree_table parents {parents} are not FLAME's {FLAME_PARENTS}")
 
     faces = _index_array(get["f"], "f", source, num_vertices)
     vt = ft = uv_missing = mouth_missing = None
@@ -462,12 +462,12 @@ def _build_model(arrays, uv, source, name, num_shape, mouth_rect, uv_source) -> 
     else:
         vt = _float_array(_as_array(uv[0], "vt", uv_source), "vt", uv_source)
         if vt.ndim != 2 or vt.shape[1] != 2:
-            raise ValueError(f"{uv_source}: vt must be (T, 2), got shape {vt.shape}")
+            raise errors.InputError(f"{uv_source}: vt must be (T, 2), got shape {vt.shape}")
         if vt.min() < -1e-3 or vt.max() > 1.0 + 1e-3:
-            raise ValueError(f"{uv_source}: UV coordinates must lie in [0, 1], found [{vt.min()}, {vt.max()}]")
+            raise errors.InputError(f"{uv_source}: UV coordinates must lie in [0, 1], found [{vt.min()}, {vt.max()}]")
         ft = _index_array(_as_array(uv[1], "ft", uv_source), "ft", uv_source, len(vt))
         if ft.shape[0] != faces.shape[0]:
-            raise ValueError(f"{uv_source}: the UV layout has {ft.shape[0]} faces but the model {source} "
+            raise errors.InputError(f"{uv_source}: the UV layout has {ft.shape[0]} faces but the model {source} "
                              f"has {faces.shape[0]}: they must describe the same mesh")
         ft = _align_uv_faces(faces, ft, uv[2], source, uv_source)
 
@@ -483,7 +483,7 @@ def _build_model(arrays, uv, source, name, num_shape, mouth_rect, uv_source) -> 
         if (len(mouth_rect) != 4 or not np.all(np.isfinite(mouth_rect))
                 or not (0.0 <= mouth_rect[0] < mouth_rect[2] <= 1.0
                         and 0.0 <= mouth_rect[1] < mouth_rect[3] <= 1.0)):
-            raise ValueError(f"{source}: mouth_rect must be (u0, v0, u1, v1) inside [0, 1] with u0 < u1, "
+            raise errors.InputError(f"{source}: mouth_rect must be (u0, v0, u1, v1) inside [0, 1] with u0 < u1, "
                              f"v0 < v1; got {mouth_rect}")
 
     f32 = lambda a: jnp.asarray(a, jnp.float32)   # noqa: E731
@@ -501,19 +501,19 @@ def _float_array(value, key, source) -> np.ndarray:
     try:
         array = np.asarray(value, np.float64)
     except (TypeError, ValueError) as error:
-        raise ValueError(f"{source}: '{key}' is not a numeric array ({error})") from None
+        raise errors.InputError(f"{source}: '{key}' is not a numeric array ({error})") from None
     if not np.all(np.isfinite(array)):
-        raise ValueError(f"{source}: '{key}' contains non-finite values (NaN or inf)")
+        raise errors.InputError(f"{source}: '{key}' contains non-finite values (NaN or inf)")
     return array
 
 
 def _index_array(value, key, source, limit) -> np.ndarray:
     array = np.asarray(value)
     if array.ndim != 2 or array.shape[1] != 3 or array.dtype.kind not in "iu":
-        raise ValueError(f"{source}: '{key}' must be (F, 3) integer indices, got {array.dtype} {array.shape}")
+        raise errors.InputError(f"{source}: '{key}' must be (F, 3) integer indices, got {array.dtype} {array.shape}")
     array = array.astype(np.int64)
     if array.size and (array.min() < 0 or array.max() >= limit):
-        raise ValueError(f"{source}: '{key}' has indices outside [0, {limit})")
+        raise errors.InputError(f"{source}: '{key}' has indices outside [0, {limit})")
     return array
 
 
@@ -576,9 +576,9 @@ def _read_flame_pickle(path: Path) -> dict:
         with open(path, "rb") as handle:
             data = _FlameUnpickler(handle, encoding="latin1").load()
     except Exception as error:   # any failure to decode is a corrupt or foreign file
-        raise ValueError(f"{path}: could not be read as a FLAME pickle ({type(error).__name__}: {error})") from None
+        raise errors.InputError(f"{path}: could not be read as a FLAME pickle ({type(error).__name__}: {error})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: a FLAME pickle holds a dict, found {type(data).__name__}")
+        raise errors.InputError(f"{path}: a FLAME pickle holds a dict, found {type(data).__name__}")
     return {str(key): value for key, value in data.items()}
 
 
@@ -587,7 +587,7 @@ def _read_npz(path: Path) -> dict:
         with np.load(path, allow_pickle=False) as data:
             return {key: data[key] for key in data.files}
     except Exception as error:
-        raise ValueError(f"{path}: could not be read as an .npz file ({type(error).__name__}: {error})") from None
+        raise errors.InputError(f"{path}: could not be read as an .npz file ({type(error).__name__}: {error})") from None
 
 
 def _as_array(value, key, source) -> np.ndarray:
@@ -597,7 +597,7 @@ def _as_array(value, key, source) -> np.ndarray:
         if isinstance(state, tuple):
             state = next((s for s in state if isinstance(s, dict)), None)
         if not isinstance(state, dict) or "x" not in state:
-            raise ValueError(f"{source}: '{key}' is a chumpy expression without stored values; "
+            raise errors.InputError(f"{source}: '{key}' is a chumpy expression without stored values; "
                              "re-save the model with chumpy installed (np.array(value) for each key)")
         return np.asarray(state["x"])
     if isinstance(value, _SparseStandIn):
@@ -623,7 +623,7 @@ def _sparse_to_dense(value: _SparseStandIn, key, source) -> np.ndarray:
             matrix = build((state["data"], state["indices"], state["indptr"]), shape=shape)
         return np.asarray(matrix.toarray())
     except Exception as error:
-        raise ValueError(f"{source}: '{key}' is a sparse matrix that could not be rebuilt ({error})") from None
+        raise errors.InputError(f"{source}: '{key}' is a sparse matrix that could not be rebuilt ({error})") from None
 
 
 # --- UV files -----------------------------------------------------------------------------
@@ -635,16 +635,16 @@ def _read_uv(path: Path):
         data = _read_npz(path)
         for key in ("vt", "ft"):
             if key not in data:
-                raise ValueError(f"{path}: missing key '{key}' (a UV layout .npz has vt and ft)")
+                raise errors.InputError(f"{path}: missing key '{key}' (a UV layout .npz has vt and ft)")
         return data["vt"], data["ft"], data.get("f")
     if suffix != ".obj":
-        raise ValueError(f"{path}: unsupported UV layout file type '{suffix}' (expected .obj or .npz)")
+        raise errors.InputError(f"{path}: unsupported UV layout file type '{suffix}' (expected .obj or .npz)")
     vt, ft, faces = [], [], []
     num_vertices = 0
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
     except OSError as error:
-        raise ValueError(f"{path}: could not be read ({error})") from None
+        raise errors.InputError(f"{path}: could not be read ({error})") from None
     for number, line in enumerate(text.splitlines(), start=1):
         fields = line.split()
         if not fields:
@@ -655,28 +655,28 @@ def _read_uv(path: Path):
             try:
                 vt.append((float(fields[1]), float(fields[2])))
             except (IndexError, ValueError):
-                raise ValueError(f"{path}:{number}: malformed vt line: {line.strip()!r}") from None
+                raise errors.InputError(f"{path}:{number}: malformed vt line: {line.strip()!r}") from None
         elif fields[0] == "f":
             corners = fields[1:]
             if len(corners) != 3:
-                raise ValueError(f"{path}:{number}: only triangles are supported, found a face with "
+                raise errors.InputError(f"{path}:{number}: only triangles are supported, found a face with "
                                  f"{len(corners)} corners")
             vertex_ids, uv_ids = [], []
             for corner in corners:
                 parts = corner.split("/")
                 if len(parts) < 2 or not parts[1]:
-                    raise ValueError(f"{path}:{number}: face corner {corner!r} has no texture index")
+                    raise errors.InputError(f"{path}:{number}: face corner {corner!r} has no texture index")
                 try:
                     v_id, t_id = int(parts[0]), int(parts[1])
                 except ValueError:
-                    raise ValueError(f"{path}:{number}: malformed face corner {corner!r}") from None
+                    raise errors.InputError(f"{path}:{number}: malformed face corner {corner!r}") from None
                 # OBJ indices are 1-based; negative ones count back from the latest element.
                 vertex_ids.append(v_id - 1 if v_id > 0 else num_vertices + v_id)
                 uv_ids.append(t_id - 1 if t_id > 0 else len(vt) + t_id)
             faces.append(vertex_ids)
             ft.append(uv_ids)
     if not vt or not ft:
-        raise ValueError(f"{path}: no texture coordinates (vt lines and f lines with texture indices) found")
+        raise errors.InputError(f"{path}: no texture coordinates (vt lines and f lines with texture indices) found")
     return np.array(vt, np.float64), np.array(ft, np.int64), np.array(faces, np.int64)
 
 
@@ -687,13 +687,13 @@ def _align_uv_faces(model_faces, uv_faces, file_faces, source, uv_source):
         return uv_faces
     file_faces = np.asarray(file_faces, np.int64)
     if file_faces.shape != model_faces.shape:
-        raise ValueError(f"{uv_source}: the UV layout has {len(file_faces)} faces but the model {source} "
+        raise errors.InputError(f"{uv_source}: the UV layout has {len(file_faces)} faces but the model {source} "
                          f"has {len(model_faces)}: they must describe the same mesh")
     lookup = {tuple(sorted(face)): k for k, face in enumerate(file_faces.tolist())}
     order = np.array([lookup.get(tuple(sorted(face)), -1) for face in model_faces.tolist()])
     if np.any(order < 0):
         k = int(np.argmin(order))
-        raise ValueError(f"{uv_source}: face {k} of the model {source}, {tuple(model_faces[k])}, is not in "
+        raise errors.InputError(f"{uv_source}: face {k} of the model {source}, {tuple(model_faces[k])}, is not in "
                          "the UV file: the UV file does not match the model")
     file_faces, uv_faces = file_faces[order], uv_faces[order]
     aligned = np.empty_like(uv_faces)
@@ -704,7 +704,7 @@ def _align_uv_faces(model_faces, uv_faces, file_faces, source, uv_source):
         matched |= same
     if not matched.all():
         k = int(np.argmin(matched))
-        raise ValueError(f"{uv_source}: face {k} uses vertices {tuple(file_faces[k])} (opposite winding) but "
+        raise errors.InputError(f"{uv_source}: face {k} uses vertices {tuple(file_faces[k])} (opposite winding) but "
                          f"face {k} of the model {source} is {tuple(model_faces[k])}: the UV file does not "
                          "match the model")
     return aligned
@@ -722,7 +722,7 @@ def _mouth_rect_from_mesh(vertices, faces, vt, ft, source):
     unique, counts = np.unique(key, axis=0, return_counts=True)
     boundary = unique[counts == 1]
     if len(boundary) == 0:
-        raise ValueError(f"{source}: cannot locate the mouth (the mesh has no open boundary), so the "
+        raise errors.InputError(f"{source}: cannot locate the mouth (the mesh has no open boundary), so the "
                          "mouth patch cannot be bound: pass mouth_rect=(u0, v0, u1, v1), its UV "
                          "square, to reta3d.flame.load")
     # Connected components of the boundary edges (union-find over vertex ids).
@@ -743,7 +743,7 @@ def _mouth_rect_from_mesh(vertices, faces, vt, ft, source):
     candidates = [ids for ids in loops[:-1]
                   if vertices[ids, 0].min() < 0.0 < vertices[ids, 0].max()]
     if not candidates:
-        raise ValueError(f"{source}: cannot locate the mouth opening (no boundary loop straddles "
+        raise errors.InputError(f"{source}: cannot locate the mouth opening (no boundary loop straddles "
                          "the midline), so the mouth patch cannot be bound: pass "
                          "mouth_rect=(u0, v0, u1, v1), its UV square, to reta3d.flame.load")
     mouth = max(candidates, key=lambda ids: vertices[ids, 2].mean())

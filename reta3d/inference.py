@@ -66,16 +66,16 @@ def load_config(config) -> Any:
         try:
             return ml_collections.ConfigDict(json.loads(path.read_text()))
         except (json.JSONDecodeError, TypeError, ValueError) as e:
-            raise ValueError(f"{path}: not a valid config JSON ({e})") from e
+            raise errors.InputError(f"{path}: not a valid config JSON ({e})") from e
     if path.suffix == ".py":
         import importlib.util
         spec = importlib.util.spec_from_file_location(f"_reta3d_config_{path.stem}", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         if not hasattr(module, "get_config"):
-            raise ValueError(f"{path}: a config file must define get_config()")
+            raise errors.InputError(f"{path}: a config file must define get_config()")
         return module.get_config() if arg is None else module.get_config(arg)
-    raise ValueError(f"{path}: unsupported config file type '{path.suffix}' (expected .py or .json)")
+    raise errors.InputError(f"{path}: unsupported config file type '{path.suffix}' (expected .py or .json)")
 
 
 def load_generator(workdir=None, config=None, random_init: bool = False, seed: int = 0):

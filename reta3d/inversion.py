@@ -818,12 +818,12 @@ def read_identity(path) -> Identity:
         with np.load(path, allow_pickle=False) as archive:
             data = {k: archive[k] for k in archive.files}
     except Exception as e:  # zip / format errors all mean "not an identity file"
-        raise ValueError(f"{path}: not a readable identity file ({type(e).__name__}: {e})") from e
+        raise errors.InputError(f"{path}: not a readable identity file ({type(e).__name__}: {e})") from e
     if str(data.get("format", "")) != IDENTITY_FORMAT:
-        raise ValueError(f"{path}: not a RETA3D identity file (written by experiments/invert.py)")
+        raise errors.InputError(f"{path}: not a RETA3D identity file (written by experiments/invert.py)")
     version = int(data["version"])
     if version > IDENTITY_VERSION:
-        raise ValueError(f"{path}: identity format version {version} is newer than this code's "
+        raise errors.InputError(f"{path}: identity format version {version} is newer than this code's "
                          f"{IDENTITY_VERSION}")
     tuned = str(data["tuned_params"])
     return Identity(
@@ -854,13 +854,13 @@ def load_identity(path, generator, g_vars, *, check_generator: bool = True):
                 "ws": (1, cfg.num_ws, cfg.w_dim)}
     for name, shape in expected.items():
         if getattr(identity, name).shape != shape:
-            raise ValueError(f"{path}: {name} has shape {getattr(identity, name).shape} but this "
+            raise errors.InputError(f"{path}: {name} has shape {getattr(identity, name).shape} but this "
                              f"generator needs {shape}: the identity was inverted with another "
                              "model (pass that model's --workdir)")
     if check_generator:
         fingerprint = generator_fingerprint(g_vars)
         if fingerprint != identity.fingerprint:
-            raise ValueError(f"{path} was inverted with generator weights {identity.fingerprint}, "
+            raise errors.InputError(f"{path} was inverted with generator weights {identity.fingerprint}, "
                              f"these are {fingerprint}: pass the --workdir (same checkpoint) it "
                              f"was made with ({identity.metadata.get('generator', 'unknown')})")
     if identity.tuned_params is not None:
@@ -870,18 +870,18 @@ def load_identity(path, generator, g_vars, *, check_generator: bool = True):
                 "(keep them beside identity.npz)")
         data = identity.tuned_params.read_bytes()
         if identity.tuned_sha256 and hashlib.sha256(data).hexdigest() != identity.tuned_sha256:
-            raise ValueError(f"{identity.tuned_params} does not match {path} (checksum): it was "
+            raise errors.InputError(f"{identity.tuned_params} does not match {path} (checksum): it was "
                              "overwritten by another inversion")
         template = jax.tree_util.tree_map(np.asarray, _split_params(g_vars))
         try:
             tuned = serialization.from_bytes(template, data)
         except Exception as e:
-            raise ValueError(f"{identity.tuned_params}: not this generator's tuned weights "
+            raise errors.InputError(f"{identity.tuned_params}: not this generator's tuned weights "
                              f"({type(e).__name__}: {e})") from e
         for (p, a), b in zip(jax.tree_util.tree_flatten_with_path(template)[0],
                              jax.tree_util.tree_leaves(tuned)):
             if np.shape(a) != np.shape(b):
-                raise ValueError(f"{identity.tuned_params}: {jax.tree_util.keystr(p)} has shape "
+                raise errors.InputError(f"{identity.tuned_params}: {jax.tree_util.keystr(p)} has shape "
                                  f"{np.shape(b)}, this generator's is {np.shape(a)}")
         g_vars = merge_tuned(g_vars, jax.tree_util.tree_map(jnp.asarray, tuned))
     static = StaticMaps(face=jnp.asarray(identity.face), mouth=jnp.asarray(identity.mouth),

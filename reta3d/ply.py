@@ -133,10 +133,10 @@ def write_ply(path, gaussians, sh_degree: int = 0) -> pathlib.Path:
 def _parse_header(data: bytes, path) -> Tuple[int, np.dtype, int]:
     end = data.find(b"end_header")
     if not data.startswith(b"ply") or end < 0:
-        raise ValueError(f"{path}: not a PLY file (missing 'ply' magic or 'end_header')")
+        raise errors.InputError(f"{path}: not a PLY file (missing 'ply' magic or 'end_header')")
     newline = data.find(b"\n", end)
     if newline < 0:
-        raise ValueError(f"{path}: truncated PLY header")
+        raise errors.InputError(f"{path}: truncated PLY header")
     lines = data[:end].decode("ascii", errors="replace").splitlines()
     fmt, count, props, element, seen_vertex = None, None, [], None, False
     for line in lines[1:]:
@@ -149,24 +149,24 @@ def _parse_header(data: bytes, path) -> Tuple[int, np.dtype, int]:
             element = tokens[1]
             if element == "vertex":
                 if seen_vertex:
-                    raise ValueError(f"{path}: more than one 'vertex' element")
+                    raise errors.InputError(f"{path}: more than one 'vertex' element")
                 seen_vertex, count = True, int(tokens[2])
             elif not seen_vertex:
-                raise ValueError(f"{path}: element '{element}' before 'vertex' is not supported")
+                raise errors.InputError(f"{path}: element '{element}' before 'vertex' is not supported")
         elif tokens[0] == "property" and element == "vertex":
             if tokens[1] == "list":
-                raise ValueError(f"{path}: list properties in 'vertex' are not 3DGS Gaussians")
+                raise errors.InputError(f"{path}: list properties in 'vertex' are not 3DGS Gaussians")
             if tokens[1] not in _PLY_TYPES:
-                raise ValueError(f"{path}: unknown PLY property type '{tokens[1]}'")
+                raise errors.InputError(f"{path}: unknown PLY property type '{tokens[1]}'")
             props.append((tokens[2], _PLY_TYPES[tokens[1]]))
     if fmt != "binary_little_endian":
-        raise ValueError(f"{path}: PLY format '{fmt}' is not supported (3DGS files are "
+        raise errors.InputError(f"{path}: PLY format '{fmt}' is not supported (3DGS files are "
                          "binary_little_endian)")
     if count is None:
-        raise ValueError(f"{path}: no 'element vertex' in the header")
+        raise errors.InputError(f"{path}: no 'element vertex' in the header")
     missing = [n for n in REQUIRED_PROPERTIES if n not in {p for p, _ in props}]
     if missing:
-        raise ValueError(f"{path}: missing 3DGS properties {missing}")
+        raise errors.InputError(f"{path}: missing 3DGS properties {missing}")
     return count, np.dtype(props), newline + 1
 
 
@@ -182,7 +182,7 @@ def read_ply(path):
     count, dtype, offset = _parse_header(data, path)
     expected = count * dtype.itemsize
     if len(data) - offset < expected:
-        raise ValueError(f"{path}: truncated: the header announces {count} Gaussians "
+        raise errors.InputError(f"{path}: truncated: the header announces {count} Gaussians "
                          f"({expected} bytes) but only {len(data) - offset} bytes follow")
     record = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
 
@@ -196,7 +196,7 @@ def read_ply(path):
     quats = np.stack([col(f"rot_{i}") for i in range(4)], -1)
     for name, value in (("means", means), ("colors", colors), ("scales", scales), ("quats", quats)):
         if not np.all(np.isfinite(value)):
-            raise ValueError(f"{path}: non-finite values in {name}")
+            raise errors.InputError(f"{path}: non-finite values in {name}")
     return Gaussians(means=means.astype(np.float32), scales=scales.astype(np.float32),
                      quats=quats.astype(np.float32), opacities=opacities.astype(np.float32),
                      colors=colors.astype(np.float32))

@@ -70,18 +70,18 @@ def validate_flame_sequence(arrays: Mapping[str, Any], source: str, num_expressi
     allowed = set(FLAME_KEYS) | {"fps"} | set(TRACKING_KEYS)
     unknown = sorted(set(arrays) - allowed)
     if unknown:
-        raise ValueError(f"{source}: unknown array(s) {unknown}; a FLAME sequence holds "
+        raise errors.InputError(f"{source}: unknown array(s) {unknown}; a FLAME sequence holds "
                          f"{', '.join(PER_FRAME_KEYS)} (T, k), optional shape, fps and the "
                          f"tracking extras {sorted(TRACKING_KEYS)}")
     checked = {}
     for key, value in arrays.items():
         value = np.asarray(value)
         if value.dtype.kind not in "fiu":
-            raise ValueError(f"{source}: array '{key}' must be numeric, got dtype {value.dtype}")
+            raise errors.InputError(f"{source}: array '{key}' must be numeric, got dtype {value.dtype}")
         value = value.astype(np.float64)
         if not np.all(np.isfinite(value)):
             bad = int(np.sum(~np.isfinite(value)))
-            raise ValueError(f"{source}: array '{key}' has {bad} non-finite value(s) (NaN/inf)")
+            raise errors.InputError(f"{source}: array '{key}' has {bad} non-finite value(s) (NaN/inf)")
         checked[key] = value
     lengths = {}
     for key in PER_FRAME_KEYS:
@@ -89,29 +89,29 @@ def validate_flame_sequence(arrays: Mapping[str, Any], source: str, num_expressi
             continue
         value = checked[key]
         if value.ndim != 2:
-            raise ValueError(f"{source}: array '{key}' must be (T, k) (one row per frame), got "
+            raise errors.InputError(f"{source}: array '{key}' must be (T, k) (one row per frame), got "
                              f"shape {value.shape}")
         if key in POSE_WIDTHS and value.shape[1] != POSE_WIDTHS[key]:
-            raise ValueError(f"{source}: array '{key}' must be (T, {POSE_WIDTHS[key]}) axis-angle"
+            raise errors.InputError(f"{source}: array '{key}' must be (T, {POSE_WIDTHS[key]}) axis-angle"
                              f"{' (left eye, right eye)' if key == 'eye_pose' else ''}, got "
                              f"shape {value.shape}")
         lengths[key] = value.shape[0]
     if not lengths:
-        raise ValueError(f"{source}: no per-frame FLAME array (need at least one of "
+        raise errors.InputError(f"{source}: no per-frame FLAME array (need at least one of "
                          f"{', '.join(PER_FRAME_KEYS)})")
     if len(set(lengths.values())) > 1:
-        raise ValueError(f"{source}: arrays disagree on the number of frames: {lengths}")
+        raise errors.InputError(f"{source}: arrays disagree on the number of frames: {lengths}")
     num_frames = next(iter(lengths.values()))
     if num_frames < 1:
-        raise ValueError(f"{source}: the sequence has no frames")
+        raise errors.InputError(f"{source}: the sequence has no frames")
     for key, width in TRACKING_KEYS.items():
         if key in checked:
             expected = (num_frames,) if width is None else (num_frames, width)
             if checked[key].shape != expected:
-                raise ValueError(f"{source}: array '{key}' must be {expected} (one row per "
+                raise errors.InputError(f"{source}: array '{key}' must be {expected} (one row per "
                                  f"frame), got shape {checked[key].shape}")
     if "fps" in checked and (checked["fps"].size != 1 or float(checked["fps"].reshape(-1)[0]) <= 0):
-        raise ValueError(f"{source}: 'fps' must be one positive number, got {checked['fps']!r}")
+        raise errors.InputError(f"{source}: 'fps' must be one positive number, got {checked['fps']!r}")
 
     out = {}
     for key, width in POSE_WIDTHS.items():
@@ -123,7 +123,7 @@ def validate_flame_sequence(arrays: Mapping[str, Any], source: str, num_expressi
         if shape.ndim == 1:
             shape = np.repeat(shape[None], num_frames, axis=0)
         if shape.ndim != 2 or shape.shape[0] != num_frames:
-            raise ValueError(f"{source}: array 'shape' must be (S,) or (T={num_frames}, S), got "
+            raise errors.InputError(f"{source}: array 'shape' must be (S,) or (T={num_frames}, S), got "
                              f"shape {checked['shape'].shape}")
         out["shape"] = shape if num_shape is None else _fit_width(shape, int(num_shape))
     else:
@@ -139,13 +139,13 @@ def load_flame_sequence(path, num_expression: int, num_shape: Optional[int] = No
     if not path.is_file():
         raise errors.MissingInputError(f"FLAME sequence file not found: {path}")
     if path.suffix.lower() != ".npz":
-        raise ValueError(f"{path}: a FLAME sequence must be an .npz file (layout: "
+        raise errors.InputError(f"{path}: a FLAME sequence must be an .npz file (layout: "
                          "reta3d/sequences.py docstring)")
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {key: data[key] for key in data.files}
     except Exception as e:  # noqa: BLE001 - zip/npy errors have many types
-        raise ValueError(f"{path}: cannot read the .npz file ({type(e).__name__}: {e})") from e
+        raise errors.InputError(f"{path}: cannot read the .npz file ({type(e).__name__}: {e})") from e
     sequence = validate_flame_sequence(arrays, str(path), num_expression, num_shape)
     fps = float(np.asarray(arrays["fps"]).reshape(-1)[0]) if "fps" in arrays else None
     return sequence, fps

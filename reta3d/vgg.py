@@ -187,7 +187,7 @@ def vgg16_params_from_state_dict(state_dict: Mapping[str, np.ndarray], source: s
                 f"{source}: features.{index}.bias has shape {bias.shape}, expected {(c_out,)}"
             )
         if not (np.all(np.isfinite(weight)) and np.all(np.isfinite(bias))):
-            raise ValueError(f"{source}: features.{index} holds NaN or infinite values")
+            raise errors.InputError(f"{source}: features.{index} holds NaN or infinite values")
         params[name] = {
             # torch OIHW -> flax HWIO; conv2d in both is cross-correlation, so no flip.
             "kernel": jnp.asarray(np.transpose(weight, (2, 3, 1, 0)).astype(np.float32)),
@@ -214,5 +214,5 @@ def load_vgg16_params(path: str | os.PathLike) -> dict:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in archive.files}
     except Exception as error:  # zipfile/pickle/format errors all mean "corrupt file".
-        raise ValueError(f"{path}: cannot read as a VGG16 .npz ({type(error).__name__}: {error})") from error
+        raise errors.InputError(f"{path}: cannot read as a VGG16 .npz ({type(error).__name__}: {error})") from error
     return vgg16_params_from_state_dict(arrays, source=path)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from reta3d import flame, sequences, template_head
+from reta3d import errors, flame, sequences, template_head
 from reta3d.fitting import embedding as emb_mod
 from reta3d.fitting import fit as fit_mod
 from reta3d.fitting.embedding import MIRROR_68, landmarks_3d, load_embedding, template_embedding
@@ -278,7 +278,7 @@ def test_load_embedding_errors_name_the_file(model, tmp_path, case, message):
                               "lmk_b_coords": tables["dynamic_lmk_bary_coords"]})
     else:
         _save_npy_dict(path, tables)
-    with pytest.raises(ValueError, match=message) as error:
+    with pytest.raises(errors.InputError, match=message) as error:
         load_embedding(path, model)
     assert str(path) in str(error.value)
 

@@ -10,7 +10,7 @@ import pytest
 from scipy import sparse
 from scipy.spatial.transform import Rotation
 
-from reta3d import flame
+from reta3d import errors, flame
 
 PARENTS = (-1, 0, 1, 1, 1)
 
@@ -522,10 +522,10 @@ def test_bad_files_raise_clear_errors(tmp_path, synthetic):
     with pytest.raises(ValueError, match=r"no_weights.npz: missing key 'weights'"):
         flame.load(tmp_path / "no_weights.npz", uv_path=d / "uv.npz")
     (tmp_path / "corrupt.pkl").write_bytes((d / "generic_model.pkl").read_bytes()[:500])
-    with pytest.raises(ValueError, match="corrupt.pkl: could not be read as a FLAME pickle"):
+    with pytest.raises(errors.InputError, match="corrupt.pkl: could not be read as a FLAME pickle"):
         flame.load(tmp_path / "corrupt.pkl", uv_path=d / "uv.npz")
     np.savez(tmp_path / "few_faces_uv.npz", vt=synthetic["vt"], ft=synthetic["ft"][:-1])
-    with pytest.raises(ValueError, match=r"few_faces_uv.npz: the UV layout has 59 faces but the model .* has 60"):
+    with pytest.raises(errors.InputError, match=r"few_faces_uv.npz: the UV layout has 59 faces but the model .* has 60"):
         flame.load(d / "flame.npz", uv_path=tmp_path / "few_faces_uv.npz")
     other = arrays["f"].copy()
     other[3] = other[3][::-1]
@@ -546,7 +546,7 @@ def test_bad_files_raise_clear_errors(tmp_path, synthetic):
     with pytest.raises(ValueError, match="mouth_rect"):
         flame.load(d / "flame.npz", uv_path=d / "uv.npz", mouth_rect=(0.5, 0.5, 0.4, 0.9))
     (tmp_path / "model.txt").write_text("x")
-    with pytest.raises(ValueError, match="unsupported FLAME model file type"):
+    with pytest.raises(errors.InputError, match="unsupported FLAME model file type"):
         flame.load(tmp_path / "model.txt", uv_path=d / "uv.npz")
 
 

@@ -25,7 +25,7 @@ from PIL import Image
 
 from configs import demo
 from rasterizer.types import look_at_eg3d_label
-from reta3d import cameras, inference, inversion, ply, sequences, train, video
+from reta3d import cameras, errors, inference, inversion, ply, sequences, train, video
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RENDER = 32
@@ -107,10 +107,10 @@ def test_read_identity_rejects_other_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="identity file not found"):
         inversion.read_identity(tmp_path / "missing.npz")
     np.savez(tmp_path / "other.npz", x=np.zeros(3))
-    with pytest.raises(ValueError, match="not a RETA3D identity"):
+    with pytest.raises(errors.InputError, match="not a RETA3D identity"):
         inversion.read_identity(tmp_path / "other.npz")
     (tmp_path / "junk.npz").write_bytes(b"junk")
-    with pytest.raises(ValueError, match="not a readable identity"):
+    with pytest.raises(errors.InputError, match="not a readable identity"):
         inversion.read_identity(tmp_path / "junk.npz")
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from rasterizer.types import Camera, Gaussians, look_at_eg3d_label
-from reta3d import flame, ply
+from reta3d import errors, flame, ply
 
 SH_C0 = 0.28209479177387814   # Y_0^0 = 1 / (2 sqrt(pi))
 
@@ -134,14 +134,14 @@ def test_ply_errors(tmp_path):
         ply.read_ply(tmp_path / "nope.ply")
     path = ply.write_ply(tmp_path / "ok.ply", gaussians)
     (tmp_path / "cut.ply").write_bytes(path.read_bytes()[:-10])
-    with pytest.raises(ValueError, match="cut.ply: truncated"):
+    with pytest.raises(errors.InputError, match="cut.ply: truncated"):
         ply.read_ply(tmp_path / "cut.ply")
     (tmp_path / "ascii.ply").write_bytes(path.read_bytes().replace(b"binary_little_endian", b"ascii"))
     with pytest.raises(ValueError, match="ascii.ply: PLY format 'ascii'"):
         ply.read_ply(tmp_path / "ascii.ply")
     renamed = path.read_bytes().replace(b"property float opacity", b"property float alpha")
     (tmp_path / "noop.ply").write_bytes(renamed)
-    with pytest.raises(ValueError, match=r"missing 3DGS properties \['opacity'\]"):
+    with pytest.raises(errors.InputError, match=r"missing 3DGS properties \['opacity'\]"):
         ply.read_ply(tmp_path / "noop.ply")
     two = jax.tree_util.tree_map(lambda x: np.stack([x, x]), gaussians)
     with pytest.raises(ValueError, match="batch of 2"):

@@ -4,7 +4,7 @@ import re
 import numpy as np
 import pytest
 
-from reta3d import cli, flame, sequences, template_head
+from reta3d import cli, errors, flame, sequences, template_head
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def test_sequence_file_layout_and_padding(tmp_path, model):
 ])
 def test_bad_sequence_files_are_rejected(tmp_path, arrays, message):
     path = _write_npz(tmp_path / "bad.npz", **arrays)
-    with pytest.raises(ValueError, match=message) as info:
+    with pytest.raises(errors.InputError, match=message) as info:
         sequences.load_flame_sequence(path, num_expression=16)
     assert "bad.npz" in str(info.value)
 
@@ -55,7 +55,7 @@ def test_missing_corrupt_and_unknown_sequences(tmp_path, model):
     with pytest.raises(FileNotFoundError, match="missing.npz"):
         sequences.get_sequence(str(tmp_path / "missing.npz"), model)
     (tmp_path / "broken.npz").write_bytes(b"not a zip")
-    with pytest.raises(ValueError, match="broken.npz: cannot read"):
+    with pytest.raises(errors.InputError, match="broken.npz: cannot read"):
         sequences.get_sequence(str(tmp_path / "broken.npz"), model)
     with pytest.raises(ValueError, match="unknown builtin sequence 'builtin:dance'"):
         sequences.get_sequence("builtin:dance", model)

@@ -36,7 +36,7 @@ def _read_json(path: pathlib.Path) -> Optional[Dict[str, Any]]:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
+        raise errors.InputError(f"{path}: not valid JSON ({e})") from e
 
 
 def run_row(run: str, metrics_file: str = "eval/metrics.json",

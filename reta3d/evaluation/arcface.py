@@ -335,15 +335,15 @@ def params_from_state_dict(state_dict: Mapping, source: str = "state dict") -> d
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
-        raise ValueError(f"{source}: not an arcface_torch IResNet{layers} state dict: missing "
+        raise errors.InputError(f"{source}: not an arcface_torch IResNet{layers} state dict: missing "
                          f"{missing[:6]}{' ...' if len(missing) > 6 else ''}, unexpected "
                          f"{unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}")
     for key, shape in expected.items():
         if state[key].shape != shape:
-            raise ValueError(f"{source}: {key} has shape {state[key].shape}, expected {shape} "
+            raise errors.InputError(f"{source}: {key} has shape {state[key].shape}, expected {shape} "
                              f"(arcface_torch IResNet for 112 x 112 crops)")
         if not np.all(np.isfinite(state[key])):
-            raise ValueError(f"{source}: {key} holds NaN or infinite values")
+            raise errors.InputError(f"{source}: {key} holds NaN or infinite values")
 
     params, stats = {}, {}
 

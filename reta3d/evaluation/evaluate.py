@@ -355,13 +355,13 @@ def load_estimates(path, total: int, num_expression: int) -> "protocol.Estimates
     with np.load(path, allow_pickle=False) as data:
         missing = {"expression", "pose"} - set(data.files)
         if missing:
-            raise ValueError(f"{path}: missing array(s) {sorted(missing)}; expected expression "
+            raise errors.InputError(f"{path}: missing array(s) {sorted(missing)}; expected expression "
                              "(N, E), pose (N, 6) and optionally found (N,)")
         expression = np.asarray(data["expression"], np.float64)
         pose = np.asarray(data["pose"], np.float64)
         found = np.asarray(data["found"]).astype(bool) if "found" in data.files else None
     if expression.ndim != 2 or expression.shape[0] != total or pose.shape != (total, 6):
-        raise ValueError(f"{path}: expected expression ({total}, E) and pose ({total}, 6) for the "
+        raise errors.InputError(f"{path}: expected expression ({total}, E) and pose ({total}, 6) for the "
                          f"{total} exported images, got {expression.shape} and {pose.shape}")
     out = np.zeros((total, num_expression))
     e = min(num_expression, expression.shape[1])

@@ -375,7 +375,7 @@ def canonical_state_dict(state_dict: Mapping[str, Any], source: str = "state dic
     try:
         layout = detect_layout(state_dict.keys())
     except ValueError as error:
-        raise ValueError(f"{source}: {error}") from None
+        raise errors.InputError(f"{source}: {error}") from None
     if layout == LAYOUT_PYTORCH_FID_MODULE:
         renamed = {}
         for key, value in state_dict.items():
@@ -393,16 +393,16 @@ def canonical_state_dict(state_dict: Mapping[str, Any], source: str = "state dic
             + WEIGHTS_HINT)
     missing = [name for name in torch_key_names() if name not in state_dict]
     if missing:
-        raise ValueError(f"{source}: not the FID Inception-v3, missing {len(missing)} tensor(s): "
+        raise errors.InputError(f"{source}: not the FID Inception-v3, missing {len(missing)} tensor(s): "
                          f"{missing[:6]}{' ...' if len(missing) > 6 else ''}")
     out = {}
     for name in torch_key_names() + [n for n in ("fc.weight", "fc.bias") if n in state_dict]:
         value = np.asarray(state_dict[name], dtype=np.float32)
         expected = {"fc.weight": (1008, FEATURE_DIM), "fc.bias": (1008,)}.get(name) or torch_shape(name)
         if value.shape != expected:
-            raise ValueError(f"{source}: {name} has shape {value.shape}, expected {expected}")
+            raise errors.InputError(f"{source}: {name} has shape {value.shape}, expected {expected}")
         if not np.all(np.isfinite(value)):
-            raise ValueError(f"{source}: {name} holds NaN or infinite values")
+            raise errors.InputError(f"{source}: {name} holds NaN or infinite values")
         out[name] = value
     return out
 

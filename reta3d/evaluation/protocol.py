@@ -34,7 +34,7 @@ from typing import Any, Callable, Dict, Optional
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from reta3d import atomic_files
+from reta3d import atomic_files, errors
 
 FLAME_KEYS = ("shape", "expression", "global_pose", "neck_pose", "jaw_pose", "eye_pose")
 
@@ -51,7 +51,7 @@ class ChunkCache:
         key_file = self.folder / "key.json"
         text = json.dumps(key, sort_keys=True)
         if key_file.exists() and key_file.read_text() != text:
-            raise ValueError(f"{self.folder} caches something else ({key_file.read_text()}); "
+            raise errors.InputError(f"{self.folder} caches something else ({key_file.read_text()}); "
                              "delete it or use another workdir")
         atomic_files.write_text(key_file, text)
 

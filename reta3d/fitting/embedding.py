@@ -525,7 +525,7 @@ def load_embedding(path, model, dynamic_path=None) -> LandmarkEmbedding:
     num_faces = int(model.num_faces)
     if "static_lmk_faces_idx" in data:                                   # DECA
         if dynamic_path is not None:
-            raise ValueError(f"{path}: DECA's landmark_embedding.npy holds its own dynamic contour; "
+            raise errors.InputError(f"{path}: DECA's landmark_embedding.npy holds its own dynamic contour; "
                              "dynamic_path is only for FLAME's flame_static_embedding.pkl")
         need = ("static_lmk_faces_idx", "static_lmk_bary_coords", "dynamic_lmk_faces_idx",
                 "dynamic_lmk_bary_coords", "full_lmk_faces_idx", "full_lmk_bary_coords")
@@ -545,7 +545,7 @@ def load_embedding(path, model, dynamic_path=None) -> LandmarkEmbedding:
     if "lmk_face_idx" in data or "lmk_b_coords" in data:                 # FLAME
         _require_keys(data, ("lmk_face_idx", "lmk_b_coords"), path, "FLAME's flame_static_embedding.pkl")
         if np.asarray(data["lmk_face_idx"]).ndim == 2:
-            raise ValueError(f"{path}: this is a dynamic (79 x 17) contour embedding; pass FLAME's "
+            raise errors.InputError(f"{path}: this is a dynamic (79 x 17) contour embedding; pass FLAME's "
                              "flame_static_embedding.pkl as path and this file as dynamic_path")
         static_f = _faces(data["lmk_face_idx"], (NUM_STATIC,), "lmk_face_idx", path, num_faces)
         static_b = _bary(data["lmk_b_coords"], (NUM_STATIC, 3), "lmk_b_coords", path)
@@ -569,7 +569,7 @@ def load_embedding(path, model, dynamic_path=None) -> LandmarkEmbedding:
         return LandmarkEmbedding(np.concatenate([contour_f, static_f]).astype(np.int32),
                                  np.concatenate([contour_b, static_b]).astype(np.float32),
                                  dyn_f, dyn_b, source, dynamic_path is not None)
-    raise ValueError(f"{path}: not a landmark embedding: found keys {sorted(data)[:8]}; expected "
+    raise errors.InputError(f"{path}: not a landmark embedding: found keys {sorted(data)[:8]}; expected "
                      "DECA's landmark_embedding.npy (static_lmk_faces_idx, ...) or FLAME's "
                      "flame_static_embedding.pkl (lmk_face_idx, lmk_b_coords)")
 
@@ -585,20 +585,20 @@ def _require(path: Path):
 def _require_keys(data, keys, path, what):
     missing = [key for key in keys if key not in data]
     if missing:
-        raise ValueError(f"{path}: missing key(s) {missing} ({what} holds {', '.join(keys)})")
+        raise errors.InputError(f"{path}: missing key(s) {missing} ({what} holds {', '.join(keys)})")
 
 
 def _faces(value, shape, key, path, num_faces) -> np.ndarray:
     array = _to_numpy(value, key, path)
     if array.shape != shape:
-        raise ValueError(f"{path}: '{key}' must have shape {shape}, got {array.shape}")
+        raise errors.InputError(f"{path}: '{key}' must have shape {shape}, got {array.shape}")
     if array.dtype.kind == "f" and np.all(np.isfinite(array)) and np.all(array == np.round(array)):
         array = array.astype(np.int64)   # some exports store indices as floats
     if array.dtype.kind not in "iu":
-        raise ValueError(f"{path}: '{key}' must hold integer face indices, got dtype {array.dtype}")
+        raise errors.InputError(f"{path}: '{key}' must hold integer face indices, got dtype {array.dtype}")
     array = array.astype(np.int64)
     if array.size and (array.min() < 0 or array.max() >= num_faces):
-        raise ValueError(f"{path}: '{key}' has face indices in [{array.min()}, {array.max()}] but the "
+        raise errors.InputError(f"{path}: '{key}' has face indices in [{array.min()}, {array.max()}] but the "
                          f"head model has {num_faces} faces: the embedding is for another mesh")
     return array
 
@@ -606,27 +606,27 @@ def _faces(value, shape, key, path, num_faces) -> np.ndarray:
 def _bary(value, shape, key, path) -> np.ndarray:
     array = _to_numpy(value, key, path)
     if array.shape != shape:
-        raise ValueError(f"{path}: '{key}' must have shape {shape}, got {array.shape}")
+        raise errors.InputError(f"{path}: '{key}' must have shape {shape}, got {array.shape}")
     if array.dtype.kind not in "fiu":
-        raise ValueError(f"{path}: '{key}' must be numeric, got dtype {array.dtype}")
+        raise errors.InputError(f"{path}: '{key}' must be numeric, got dtype {array.dtype}")
     array = array.astype(np.float64)
     if not np.all(np.isfinite(array)):
-        raise ValueError(f"{path}: '{key}' has non-finite barycentric coordinates")
+        raise errors.InputError(f"{path}: '{key}' has non-finite barycentric coordinates")
     if array.min() < -_BARY_TOLERANCE:
-        raise ValueError(f"{path}: '{key}' has negative barycentric coordinates (min {array.min():.4g})")
+        raise errors.InputError(f"{path}: '{key}' has negative barycentric coordinates (min {array.min():.4g})")
     error = np.abs(array.sum(axis=-1) - 1.0).max()
     if error > _BARY_TOLERANCE:
-        raise ValueError(f"{path}: '{key}' rows must sum to 1 (barycentric coordinates); off by up to {error:.4g}")
+        raise errors.InputError(f"{path}: '{key}' rows must sum to 1 (barycentric coordinates); off by up to {error:.4g}")
     return array
 
 
 def _to_numpy(value, key, path) -> np.ndarray:
     if isinstance(value, _TorchStorage):
-        raise ValueError(f"{path}: '{key}' is a bare torch storage, not a tensor")
+        raise errors.InputError(f"{path}: '{key}' is a bare torch storage, not a tensor")
     try:
         return np.asarray(value)
     except Exception as error:   # a foreign object the unpickler let through as a container
-        raise ValueError(f"{path}: '{key}' is not an array ({type(error).__name__}: {error})") from None
+        raise errors.InputError(f"{path}: '{key}' is not an array ({type(error).__name__}: {error})") from None
 
 
 # --- restricted unpickling --------------------------------------------------------------------
@@ -741,17 +741,17 @@ def _read_pickled_dict(path: Path) -> dict:
             elif suffix == ".pkl":
                 data = _EmbeddingUnpickler(handle, encoding="latin1").load()
             else:
-                raise ValueError(f"{path}: unsupported landmark embedding file type '{suffix}' "
+                raise errors.InputError(f"{path}: unsupported landmark embedding file type '{suffix}' "
                                  "(expected DECA's .npy or FLAME's .pkl)")
     except ValueError:
         raise
     except Exception as error:   # any failure to decode is a corrupt or foreign file
-        raise ValueError(f"{path}: could not be read as a landmark embedding "
+        raise errors.InputError(f"{path}: could not be read as a landmark embedding "
                          f"({type(error).__name__}: {error})") from None
     if isinstance(data, np.ndarray) and data.dtype == object and data.shape == ():
         data = data[()]
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: a landmark embedding file holds a dict, found {type(data).__name__}")
+        raise errors.InputError(f"{path}: a landmark embedding file holds a dict, found {type(data).__name__}")
     return {str(key): value for key, value in data.items()}
 
 
@@ -760,7 +760,7 @@ def _read_npy(handle, path: Path):
     try:
         version = npy_format.read_magic(handle)
     except ValueError:
-        raise ValueError(f"{path}: not a .npy file") from None
+        raise errors.InputError(f"{path}: not a .npy file") from None
     if version == (1, 0):
         shape, fortran, dtype = npy_format.read_array_header_1_0(handle)
     else:
@@ -768,5 +768,5 @@ def _read_npy(handle, path: Path):
     if dtype.hasobject:
         # np.save pickles object arrays after the header; unpickle it ourselves, restricted.
         return _EmbeddingUnpickler(handle, encoding="latin1").load()
-    raise ValueError(f"{path}: holds a plain {dtype} array of shape {shape}, not a landmark "
+    raise errors.InputError(f"{path}: holds a plain {dtype} array of shape {shape}, not a landmark "
                      "embedding dict (np.save of a dict)")

@@ -395,7 +395,7 @@ def load_state_dict_file(path: str) -> Tuple[Dict[str, np.ndarray], Optional[Dic
         except (OSError, ValueError, json.JSONDecodeError) as e:
             raise ValueError(f"cannot read {p} as an .npz state dict: {e}") from e
         if not state:
-            raise ValueError(f"{p} holds no state-dict entries (names with a '.')")
+            raise errors.InputError(f"{p} holds no state-dict entries (names with a '.')")
         return state, config
     try:
         import torch  # noqa: PLC0415 - optional dependency, only for .pt files
@@ -410,7 +410,7 @@ def load_state_dict_file(path: str) -> Tuple[Dict[str, np.ndarray], Optional[Dic
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not all(hasattr(v, "detach") for v in obj.values()):
-        raise ValueError(f"{p} does not hold a state dict (name -> tensor); got "
+        raise errors.InputError(f"{p} does not hold a state dict (name -> tensor); got "
                          f"{type(obj).__name__}. Save it with torch.save(module.state_dict(), path)")
     return {k: _to_numpy(v, k) for k, v in obj.items()}, None
 
