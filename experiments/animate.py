@@ -63,6 +63,7 @@ def main(argv):
 
     from reta3d import inference, sequences, video
 
+    video.check_output_suffix(FLAGS.out, "--out")   # before the model loads
     seeds = [FLAGS.seed] if FLAGS.seed is not None else cli.parse_seeds(FLAGS.seeds)
     names = cli.parse_expression_components(FLAGS.expression_components) or None
     try:

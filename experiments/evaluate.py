@@ -4,7 +4,8 @@
       --num_images=50000 --inception=pt_inception-2015-12-05-6726825d.pth --arcface=backbone.pth
 
 Writes OUT/metrics.json and OUT/metrics.md (Table 1(a)'s layout with the paper's rows beside
-this run's; default OUT = WORKDIR/eval). Protocols: reta3d/evaluation/protocol.py (EG3D's
+this run's; default OUT = WORKDIR/eval). A later call on the same checkpoint adds its metrics to
+them; one on another checkpoint keeps the earlier metrics.json as metrics.WEIGHTS.json. Protocols: reta3d/evaluation/protocol.py (EG3D's
 fid50k_full for FID/KID; 500 identities x 2 sets for ID; 500 x 20 for AED/APD, re-estimated by
 this project's landmark fitter, with the estimator's own error on known-parameter renders
 beside it). A metric whose weights are missing is skipped with a message saying which file to
@@ -18,7 +19,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from absl import app, flags  # noqa: E402
 
-from reta3d import cli  # noqa: E402
+from reta3d import cli, errors  # noqa: E402
 
 FLAGS = flags.FLAGS
 cli.define_generator_flags()
@@ -53,6 +54,8 @@ def main(argv):
     if unknown:   # before the model loads
         raise app.UsageError(f"--metrics: unknown {', '.join(unknown)}; choose from "
                              f"{','.join(evaluate.METRICS)}")
+    if set(FLAGS.metrics) <= {"fid", "kid"} and FLAGS.inception is None:
+        raise errors.InputError(f"nothing to measure: {evaluate.INCEPTION_HINT}")
     config, generator, g_vars = cli.load_generator_from_flags()
     out = FLAGS.out or (pathlib.Path(FLAGS.workdir) / "eval" if FLAGS.workdir else None)
     if out is None:

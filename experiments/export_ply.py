@@ -1,7 +1,8 @@
 """Export the Gaussians of one generated identity as a standard 3DGS `.ply`.
 
 The head at neutral expression (static maps decoded on the neutral FLAME mesh, with G_d at
-zero expression), or at frame i of a FLAME sequence (its motion; the head keeps the
+zero expression; an --identity at its photo's fitted expression, as invert.py's head.ply),
+or at frame i of a FLAME sequence (its motion; the head keeps the
 identity's own shape). Layout (reta3d/ply.py): binary
 little-endian; x, y, z, nx, ny, nz, f_dc_0..2 (SH degree 0: (colour − 0.5)/C0), opacity
 (logit), scale_0..2 (log), rot_0..3 (w, x, y, z) — what common 3DGS viewers read; the header
@@ -51,6 +52,7 @@ def main(argv):
 
     from reta3d import cameras, inference, ply, sequences
 
+    ply.check_output_suffix(FLAGS.out, "--out")   # before the model loads
     config, generator, g_vars = cli.load_generator_from_flags()
     model = generator.flame_model
     if FLAGS.flame_sequence is not None:
@@ -77,7 +79,15 @@ def main(argv):
     if FLAGS.identity is not None:
         g_vars, static, identity = cli.load_identity_from_flags(
             generator, g_vars, FLAGS["seed"].present or FLAGS.psi != 1.0)
-        flame = identity.apply_shape(flame)
+        # Neutral export: the head as reconstructed (the photo's fitted expression, jaw and
+        # eyes) unless --expression / --jaw were given; a sequence frame keeps its own.
+        photo_expression = (FLAGS.flame_sequence is None and FLAGS.expression is None
+                            and FLAGS.jaw == 0.0)
+        if photo_expression:
+            flame = identity.apply_photo_expression(flame)
+            what = "the photo's fitted expression"
+        else:
+            flame = identity.apply_shape(flame)
     else:
         z = inference.latents_for_seeds([FLAGS.seed], config.model.z_dim)
         static = inference.generate_static_maps(generator, g_vars, z,

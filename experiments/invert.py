@@ -74,31 +74,28 @@ flags.mark_flags_as_required(["image", "out"])
 def main(argv):
     cli.start(argv)
     from reta3d import inversion
-    from reta3d.fitting import media
+    from reta3d.fitting import media, preprocess
 
-    try:
-        photo = media.load_image(FLAGS.image)     # a bad photo fails before the model loads
-        settings = inversion.InversionSettings(
-            space=FLAGS.space, num_steps=FLAGS.steps, pti_steps=FLAGS.pti_steps,
-            learning_rate=FLAGS.lr, w_reg_weight=FLAGS.w_reg, l2_weight=FLAGS.l2,
-            l1_weight=FLAGS.l1, perceptual_weight=FLAGS.perceptual, initial_noise=FLAGS.noise,
-            w_plus_tied=FLAGS.w_plus_tied, w_plus_lr_scale=FLAGS.w_plus_lr_scale,
-            mask=FLAGS.mask, pti_learning_rate=FLAGS.pti_lr,
-            pti_locality_weight=FLAGS.pti_locality, num_w_samples=FLAGS.num_w_samples,
-            seed=FLAGS.seed)
-        config, generator, g_vars = cli.load_generator_from_flags()
-        _, embedding = cli.load_head_and_landmarks(model=generator.flame_model)
-        metrics = inversion.invert_photo(
-            config, generator, g_vars, photo, FLAGS.out, settings, embedding=embedding,
-            vgg16=FLAGS.vgg16, sequence=FLAGS.sequence, num_frames=FLAGS.frames,
-            fit_resolution=FLAGS.fit_resolution, fit_steps=FLAGS.fit_steps,
-            source=FLAGS.image,
-            generator_source=(FLAGS.workdir
-                              or f"random init (--config, --init_seed={FLAGS.init_seed})"),
-            progress=FLAGS.progress)
-    except (FileNotFoundError, ValueError, ImportError) as e:
-        print(f"invert.py: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
+    photo = media.load_image(FLAGS.image)     # a bad photo fails before the model loads
+    preprocess.require_face(photo, FLAGS.image)
+    settings = inversion.InversionSettings(
+        space=FLAGS.space, num_steps=FLAGS.steps, pti_steps=FLAGS.pti_steps,
+        learning_rate=FLAGS.lr, w_reg_weight=FLAGS.w_reg, l2_weight=FLAGS.l2,
+        l1_weight=FLAGS.l1, perceptual_weight=FLAGS.perceptual, initial_noise=FLAGS.noise,
+        w_plus_tied=FLAGS.w_plus_tied, w_plus_lr_scale=FLAGS.w_plus_lr_scale,
+        mask=FLAGS.mask, pti_learning_rate=FLAGS.pti_lr,
+        pti_locality_weight=FLAGS.pti_locality, num_w_samples=FLAGS.num_w_samples,
+        seed=FLAGS.seed)
+    config, generator, g_vars = cli.load_generator_from_flags()
+    _, embedding = cli.load_head_and_landmarks(model=generator.flame_model)
+    metrics = inversion.invert_photo(
+        config, generator, g_vars, photo, FLAGS.out, settings, embedding=embedding,
+        vgg16=FLAGS.vgg16, sequence=FLAGS.sequence, num_frames=FLAGS.frames,
+        fit_resolution=FLAGS.fit_resolution, fit_steps=FLAGS.fit_steps,
+        source=FLAGS.image,
+        generator_source=(FLAGS.workdir
+                          or f"random init (--config, --init_seed={FLAGS.init_seed})"),
+        progress=FLAGS.progress)
     cli.print_json(metrics)
     cli.warn_overflow(metrics["rasterizer_overflow"])
 

@@ -15,7 +15,8 @@ The mapping network is conditioned on the frontal camera, as EG3D samples.
 
 Writes OUT/grid.png (rows = seeds; columns = the yaw sweep at pitch 0, then the pitch sweep
 at yaw 0) and OUT/seedNNNN_orbit.mp4 (or .gif with --video_format=gif; with --identity: one
-row and OUT/identity_orbit.mp4, rendered with the identity's fitted FLAME shape), and prints
+row and OUT/identity_orbit.mp4, rendered with the identity's fitted FLAME shape, and its
+fitted expression, jaw and eyes unless --expression / --jaw are given), and prints
 JSON with
 "rasterizer_overflow" (tile intersections dropped beyond --capacity over every grid and orbit
 image; a warning line goes to stderr when any were).
@@ -62,12 +63,15 @@ def main(argv):
 
     config, generator, g_vars = cli.load_generator_from_flags()
     flame = sequences.neutral_flame(generator.flame_model, expression, FLAGS.jaw)
-    identity_static = None
+    identity_static, photo_expression = None, False
     if FLAGS.identity is not None:
         g_vars, identity_static, identity = cli.load_identity_from_flags(
             generator, g_vars, FLAGS["seeds"].present or FLAGS.psi != 1.0
             or FLAGS.truncation_cutoff is not None)
-        flame = identity.apply_shape(flame)
+        # The head as reconstructed (novel_views.png), unless an expression was asked for.
+        photo_expression = FLAGS.expression is None and FLAGS.jaw == 0.0
+        flame = (identity.apply_photo_expression(flame) if photo_expression
+                 else identity.apply_shape(flame))
         seeds = [None]
     out_dir = pathlib.Path(FLAGS.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -109,6 +113,8 @@ def main(argv):
         "grid": str(grid_path), "videos": videos,
         "seeds": [] if identity_static is not None else seeds, "identity": FLAGS.identity,
         "psi": FLAGS.psi,
+        "expression": ("the photo's (fitted)" if photo_expression
+                       else FLAGS.expression or "neutral"), "jaw": FLAGS.jaw,
         "views": grid_labels.shape[0], "resolution": int(rows[0].shape[1]),
         "num_gaussians": generator.num_gaussians,
         "seconds_per_seed (first includes compilation)": timings,

@@ -147,17 +147,28 @@ def run(main) -> None:
     script's whole docstring and flags first, which buries the message), and a
     `reta3d.errors.InputError` (a file, folder or setting that cannot be used; DatasetError,
     a missing photo folder, a video without a face …) prints `error: …` without a
-    traceback. Both exit with status 1; every other exception keeps its traceback."""
+    traceback. Both exit with status 1; every other exception keeps its traceback. A flag
+    value absl cannot parse (`--seed=0.5`) is a usage error too. Ctrl-C prints one line
+    (`interrupted`; the scripts that resume say so) and exits with status 130."""
+    script = pathlib.Path(sys.argv[0]).name
+
     def main_reporting_input_errors(argv):
         try:
             return main(argv)
         except app.UsageError as e:
-            _exit_with(f"usage error: {e}\nRun {pathlib.Path(sys.argv[0]).name} --help for "
-                       "the flags.", e.exitcode)
+            _exit_with(f"usage error: {e}\nRun {script} --help for the flags.", e.exitcode)
         except errors.InputError as e:
             _exit_with(f"error: {e}", 1)
+        except KeyboardInterrupt:
+            _exit_with(f"{script}: interrupted", 130)
 
-    app.run(main_reporting_input_errors)
+    def parse_flags(argv):
+        try:
+            return FLAGS(argv)
+        except flags.Error as e:
+            _exit_with(f"usage error: {e}\nRun {script} --help for the flags.", 1)
+
+    app.run(main_reporting_input_errors, flags_parser=parse_flags)
 
 
 def _exit_with(message: str, status: int) -> None:

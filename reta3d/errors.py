@@ -11,3 +11,8 @@ class InputError(ValueError):
 
 class MissingInputError(InputError, FileNotFoundError):
     """A path the user gave that does not exist."""
+
+
+class MissingDependencyError(InputError, ImportError):
+    """An optional package the user's command needs is not installed; the message says which
+    requirements file or package installs it."""

@@ -192,12 +192,15 @@ def _to_uint8(color: jax.Array) -> jax.Array:
 
 def _render_settings(config, generator, resolution, backend, capacity):
     """(resolution, backend, background grey level, capacity) from the config unless
-    overridden; capacity None → the rasterizer's default for the generator's N Gaussians."""
+    overridden; capacity None → the rasterizer's default for the generator's N Gaussians. The
+    backend is resolved ("auto" → the one that runs, `rasterizer.render.resolve_backend`), so
+    what a report names is what rendered."""
     from rasterizer import binning
+    from rasterizer.render import resolve_backend
     resolution = int(config.render.resolution if resolution is None else resolution)
     if resolution < 1:
         raise ValueError(f"render resolution must be >= 1, got {resolution}")
-    backend = config.render.backend if backend is None else backend
+    backend = resolve_backend(config.render.backend if backend is None else backend)
     if capacity is None:
         capacity = binning.default_capacity(generator.num_gaussians, resolution, resolution)
     if int(capacity) < 1:

@@ -762,6 +762,20 @@ class Identity:
         repeated over the T rows (and fitted to the sequence's shape width)."""
         return with_identity_shape(flame, self.shape)
 
+    def apply_photo_expression(self, flame: Mapping[str, Any]) -> Dict[str, np.ndarray]:
+        """`apply_shape(flame)` with the expression, jaw and eye pose fitted to the photo
+        (dict of (1, k)): the head as reconstructed, which `novel_views.png` shows. On the
+        embedded template head the photo's landmark fit puts part of the face's shape into
+        expression coefficients (several standard deviations), so the identity at neutral
+        expression can look quite unlike its photo."""
+        out = self.apply_shape(flame)
+        for key in ("expression", "jaw_pose", "eye_pose"):
+            if key in out:
+                width = out[key].shape[1]
+                fitted = np.asarray(self.flame[key], np.float32).reshape(-1)[:width]
+                out[key] = np.pad(fitted, (0, width - fitted.shape[0]))[None].astype(np.float32)
+        return out
+
 
 def with_identity_shape(flame: Mapping[str, Any], shape: np.ndarray) -> Dict[str, np.ndarray]:
     """`flame` (dict of (T, k)) with "shape" = `shape` ((S,) or (1, S)) repeated over T rows

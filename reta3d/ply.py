@@ -100,11 +100,21 @@ def header_lines(num: int, sh_degree: int = 0) -> List[str]:
             + [f"property float {n}" for n in property_names(sh_degree)] + ["end_header"])
 
 
+def check_output_suffix(path, what: str = "PLY output") -> pathlib.Path:
+    """`path` as a Path; raises `errors.InputError` (naming `what`, e.g. a flag) unless it ends in
+    .ply, the suffix 3DGS viewers open. Scripts call it before any work, `write_ply` again."""
+    path = pathlib.Path(path)
+    if path.suffix.lower() != ".ply":
+        raise errors.InputError(f"{what} must end in .ply, got {path}")
+    return path
+
+
 def write_ply(path, gaussians, sh_degree: int = 0) -> pathlib.Path:
     """Writes `gaussians` (rasterizer.Gaussians, (N, ·) or (1, N, ·), colours (N, 3) in [0, 1]
-    RGB, in the EG3D world frame) to `path` in the 3DGS layout and header of the module
-    docstring: float32 little-endian records of `property_names(sh_degree)`. Returns the
-    path."""
+    RGB, in the EG3D world frame) to `path` (a .ply; else `errors.InputError`) in the 3DGS
+    layout and header of the module docstring: float32 little-endian records of
+    `property_names(sh_degree)`. Returns the path."""
+    check_output_suffix(path)
     fields = _unbatched(gaussians)
     names = property_names(sh_degree)
     num = fields["means"].shape[0]

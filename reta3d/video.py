@@ -114,7 +114,9 @@ def read_video(path) -> np.ndarray:
 
 
 def timing_path(video_path) -> pathlib.Path:
-    """Where the per-frame timing JSON of a video goes: NAME.mp4 → NAME_timing.json."""
+    """Where the per-frame timing JSON of a video goes: NAME.mp4 → NAME_timing.json, NAME.gif
+    → NAME_gif_timing.json (a GIF and an MP4 of one name keep their own)."""
     video_path = pathlib.Path(video_path)
-    return video_path.with_name(video_path.stem + "_timing.json")
+    tag = "" if video_path.suffix.lower() == ".mp4" else "_" + video_path.suffix.lower()[1:]
+    return video_path.with_name(video_path.stem + tag + "_timing.json")
 

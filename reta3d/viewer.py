@@ -51,6 +51,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from reta3d import errors
 from reta3d.sequences import (BUILTIN_PREFIX, BUILTIN_SEQUENCES, POSE_WIDTHS,
                               template_expression_index)
 
@@ -601,7 +602,11 @@ class Viewer:
         return state
 
     def start(self) -> "Viewer":
-        import viser
+        try:
+            import viser
+        except ImportError as error:
+            raise errors.MissingDependencyError(
+                "the viewer needs viser: pip install -r requirements-viewer.txt") from error
         server = viser.ViserServer(host=self.host, port=self.port, verbose=self.verbose)
         self.server = server
         self.port = server.get_port()

@@ -87,6 +87,8 @@ def test_every_script_lists_its_flags_in_help():
      ".npz comes from"),
     ("evaluate.py", ["--workdir={tmp}", "--metrics=swd,SWD,foo"],
      "--metrics: unknown SWD, foo; choose from"),
+    ("evaluate.py", ["--workdir={tmp}", "--metrics=fid,kid"],
+     "error: nothing to measure: FID/KID need the FID Inception-v3 weights"),
     ("track_video.py", ["--video=README.md", "--out={tmp}/a.npz", "--overlay={tmp}/a.avi"],
      "error: --overlay must end in .mp4 or .gif, got {tmp}/a.avi"),
     ("reenact.py", ["--workdir={tmp}", "--video=README.md", "--out={tmp}/r.avi"],
@@ -97,11 +99,17 @@ def test_every_script_lists_its_flags_in_help():
      "error: {tmp}/config.json not found: {tmp} is not a training workdir"),
     ("preprocess.py", ["--images={tmp}/photos", "--out={tmp}/data"],
      "usage error: --images: no such folder: {tmp}/photos"),
+    ("export_ply.py", ["--workdir={tmp}", "--seed=0.5"],
+     "usage error: flag --seed=0.5: invalid literal for int()"),
+    ("invert.py", ["--workdir={tmp}", "--image={tmp}/grey.png", "--out={tmp}/inverted"],
+     "error: no face: {tmp}/grey.png: dlib's face detector found no face in it"),
 ])
 def test_bad_flags_are_one_line_errors_before_the_model_loads(tmp_path, script, flags, message):
     """Usage and input errors (reta3d.cli.run): the message last, on one line, without the
     script's docstring or a traceback, before anything slow (the workdir has no checkpoint: had
     the model been loaded first, that would be the error)."""
+    from PIL import Image
+    Image.new("RGB", (256, 256), (128, 128, 128)).save(tmp_path / "grey.png")   # no face
     result = subprocess.run(
         [sys.executable, str(REPO / "experiments" / script)]
         + [f.format(tmp=tmp_path) for f in flags], capture_output=True, text=True, cwd=REPO,

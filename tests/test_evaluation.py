@@ -1,5 +1,6 @@
 """The evaluation protocol (reta3d/evaluation/protocol.py, evaluate.py): poses, distances,
 resumable caches, the AED/APD estimator on renders with known parameters, and the job."""
+import io
 import json
 import pathlib
 
@@ -98,13 +99,22 @@ def test_chunk_cache_resumes_and_refuses_another_key(tmp_path):
         calls.append(start)
         return {"x": np.arange(start, stop)}
     cache = protocol.ChunkCache(tmp_path / "c", {"what": 1})
-    first = protocol.chunked(10, 4, cache, compute)
+    console = io.StringIO()
+    first = protocol.chunked(10, 4, cache, compute, "stage", stream=console)
     np.testing.assert_array_equal(first["x"], np.arange(10))
     assert calls == [0, 4, 8]
+    assert console.getvalue().startswith("stage: 0/10, starting") and " 10/10 " in console.getvalue()
     cache.path(1).unlink()                       # an interrupted run lost one chunk
-    again = protocol.chunked(10, 4, protocol.ChunkCache(tmp_path / "c", {"what": 1}), compute)
+    console = io.StringIO()
+    again = protocol.chunked(10, 4, protocol.ChunkCache(tmp_path / "c", {"what": 1}), compute,
+                             "stage", stream=console)
     np.testing.assert_array_equal(again["x"], np.arange(10))
     assert calls == [0, 4, 8, 4]                 # only the missing chunk was recomputed
+    assert console.getvalue().startswith("stage: 6/10, starting")   # the cached 6 are done
+    console = io.StringIO()
+    protocol.chunked(10, 4, cache, compute, "stage", stream=console)
+    assert calls == [0, 4, 8, 4]
+    assert console.getvalue() == f"stage: all 10 from the cache ({cache.folder})\n"
     with pytest.raises(ValueError, match="caches something else"):
         protocol.ChunkCache(tmp_path / "c", {"what": 2})
 
@@ -168,6 +178,32 @@ def test_markdown_table_has_the_paper_rows_and_notes():
         "a": [1.5, None, [2, None]]}
 
 
+def test_merge_reports_keeps_what_was_measured():
+    """metrics.json across calls on one checkpoint: a group measured again with the same
+    settings adds to what it had, with other settings it is replaced, and a call that could
+    only skip it (no weights given) leaves the values measured before."""
+    from reta3d.evaluation import evaluate
+
+    def group(metrics, settings, skipped=None):
+        return {"metrics": metrics, "skipped": skipped or {}, "settings": settings,
+                "timing_s": 1.0}
+    earlier = evaluate.merge_reports(None, {"model": "a", "weights": "w", "groups": {
+        "swd": group({"swd": 3.0}, {"num_images": 8}),
+        "fid_kid": group({"fid": 5.0}, {"inception": "x.npz"})}})
+    assert list(earlier["groups"]) == ["fid_kid", "swd"]          # GROUPS' order
+    assert earlier["metrics"] == {"fid": 5.0, "swd": 3.0}
+    more = evaluate.merge_reports(earlier, {"model": "b", "weights": "w", "groups": {
+        "fid_kid": group({"kid": 0.1}, {"inception": "x.npz"})}})
+    assert more["metrics"] == {"fid": 5.0, "kid": 0.1, "swd": 3.0} and more["model"] == "b"
+    only_skipped = evaluate.merge_reports(more, {"model": "b", "weights": "w", "groups": {
+        "fid_kid": group({}, {"inception": None}, skipped={"fid": "bring the weights"})}})
+    assert only_skipped["metrics"] == more["metrics"] and only_skipped["skipped"] == {}
+    other = evaluate.merge_reports(more, {"model": "b", "weights": "w", "groups": {
+        "fid_kid": group({"fid": 7.0}, {"inception": "y.npz"})}})
+    assert other["metrics"] == {"fid": 7.0, "swd": 3.0}
+    assert other["settings"] == {"fid_kid": {"inception": "y.npz"}, "swd": {"num_images": 8}}
+
+
 @pytest.mark.slow
 def test_evaluate_job_runs_fid_kid_swd_and_resumes(tmp_path, monkeypatch):
     """The job's wiring with a stand-in feature network (colour statistics per image, so the
@@ -211,6 +247,10 @@ def test_evaluate_job_runs_fid_kid_swd_and_resumes(tmp_path, monkeypatch):
     again = evaluate.evaluate(config, generator, g_vars, source, out, metrics=("fid",),
                               num_images=12, inception="stand-in", batch=4, progress=False)
     assert again["metrics"]["fid"] == pytest.approx(m["fid"])
+    # The metrics this call did not compute are kept from the first (same weights).
+    assert again["metrics"]["swd"] == m["swd"] and again["metrics"]["kid"] == m["kid"]
+    assert set(again["groups"]) == {"fid_kid", "swd"}
+    assert again["settings"]["swd"]["num_images"] == 8
     monkeypatch.undo()
     # AED/APD through another estimator: export the images and driving parameters, read that
     # estimator's answers back. Perfect answers score 0; wrong ones do not; a bad file is an
@@ -232,6 +272,8 @@ def test_evaluate_job_runs_fid_kid_swd_and_resumes(tmp_path, monkeypatch):
                             num_identities=2, sets_per_identity=2, face_resolution=64,
                             aed_estimates=tmp_path / "off.npz", batch=4, progress=False)
     assert off["metrics"]["aed"] == pytest.approx(0.5) and off["metrics"]["estimated"] == 3
+    assert "(3 of 4 images)" in (out / "metrics.md").read_text()   # the cell says how few
+    assert off["metrics"]["swd"] == m["swd"]        # still kept
     # An estimator that found no face anywhere: no numbers (null in strict JSON), a note.
     np.savez(tmp_path / "none.npz", expression=expression, pose=pose, found=[0, 0, 0, 0])
     none = evaluate.evaluate(config, generator, g_vars, source, out, metrics=("aed", "apd"),
@@ -244,6 +286,16 @@ def test_evaluate_job_runs_fid_kid_swd_and_resumes(tmp_path, monkeypatch):
     written = json.loads((out / "metrics.json").read_text(), parse_constant=no_constants)
     assert written["metrics"]["aed"] is None
     assert "found no face in any image" in (out / "metrics.md").read_text()
+    # Other weights: the earlier report is kept beside the new one, not merged into it.
+    import jax
+    other = jax.tree_util.tree_map(lambda x: x * 1.5, g_vars)
+    earlier_key = written["weights"]
+    fresh = evaluate.evaluate(config, generator, other, source, out, metrics=("aed",),
+                              num_identities=2, sets_per_identity=2, face_resolution=64,
+                              aed_estimates=tmp_path / "perfect.npz", batch=4, progress=False)
+    assert fresh["weights"] != earlier_key and set(fresh["groups"]) == {"aed_apd"}
+    kept = json.loads((out / f"metrics.{earlier_key}.json").read_text())
+    assert kept["metrics"]["swd"] == m["swd"] and kept["metrics"]["fid"] == pytest.approx(m["fid"])
     np.savez(tmp_path / "bad.npz", expression=expression)
     with pytest.raises(ValueError, match="bad.npz"):
         evaluate.evaluate(config, generator, g_vars, source, out, metrics=("aed",),

@@ -103,6 +103,32 @@ def test_flame_for_model_fits_widths(model):
     assert flame["jaw_pose"][0, 0] == pytest.approx(0.1)
 
 
+def test_identity_renders_at_its_photo_expression_or_a_given_one():
+    """sample.py / export_ply.py with --identity: the fitted shape always; the fitted
+    expression, jaw and eyes (the head as reconstructed) by default, fitted to the widths of
+    the FLAME dict they go into; global and neck pose are the caller's."""
+    fitted = {"shape": np.full((1, 4), 0.5, np.float32),
+              "expression": np.arange(1, 4, dtype=np.float32)[None],
+              "global_pose": np.full((1, 3), 0.3, np.float32),
+              "neck_pose": np.full((1, 3), 0.2, np.float32),
+              "jaw_pose": np.array([[0.1, 0, 0]], np.float32),
+              "eye_pose": np.full((1, 6), 0.05, np.float32)}
+    identity = inversion.Identity(
+        path=None, ws=None, w=None, space="w", face=None, mouth=None, flame=fitted, camera=None,
+        fingerprint="", tuned_params=None, tuned_sha256=None, metadata={})
+    neutral = {k: np.zeros((1, w), np.float32) for k, w in
+               [("shape", 6), ("expression", 5), ("global_pose", 3), ("neck_pose", 3),
+                ("jaw_pose", 3), ("eye_pose", 6)]}
+    posed = identity.apply_photo_expression(neutral)
+    np.testing.assert_array_equal(posed["shape"], [[0.5] * 4 + [0, 0]])
+    np.testing.assert_array_equal(posed["expression"], [[1, 2, 3, 0, 0]])
+    np.testing.assert_array_equal(posed["jaw_pose"], fitted["jaw_pose"])
+    np.testing.assert_array_equal(posed["eye_pose"], fitted["eye_pose"])
+    assert not posed["global_pose"].any() and not posed["neck_pose"].any()
+    plain = identity.apply_shape(neutral)
+    assert not plain["expression"].any() and not plain["jaw_pose"].any()
+
+
 def test_read_identity_rejects_other_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="identity file not found"):
         inversion.read_identity(tmp_path / "missing.npz")

@@ -132,6 +132,9 @@ def test_ply_errors(tmp_path):
     gaussians = _random_gaussians(4)
     with pytest.raises(FileNotFoundError, match="nope.ply"):
         ply.read_ply(tmp_path / "nope.ply")
+    with pytest.raises(errors.InputError, match="must end in .ply, got .*head.obj"):
+        ply.write_ply(tmp_path / "head.obj", gaussians)
+    assert not (tmp_path / "head.obj").exists()
     path = ply.write_ply(tmp_path / "ok.ply", gaussians)
     (tmp_path / "cut.ply").write_bytes(path.read_bytes()[:-10])
     with pytest.raises(errors.InputError, match="cut.ply: truncated"):

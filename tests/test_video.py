@@ -30,6 +30,7 @@ def test_side_by_side_and_grid_layout():
 
 def test_timing_path_sits_beside_the_video(tmp_path):
     assert video.timing_path(tmp_path / "talk.mp4") == tmp_path / "talk_timing.json"
+    assert video.timing_path(tmp_path / "talk.gif") == tmp_path / "talk_gif_timing.json"
 
 
 @pytest.mark.parametrize("suffix", [".mp4", ".gif"])

@@ -399,7 +399,7 @@ def read_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     try:
         state, _ = load_state_dict_file(path)
     except ImportError as error:
-        raise ImportError(f"reading {path} needs torch (the CPU build is enough); or convert it "
+        raise errors.MissingDependencyError(f"reading {path} needs torch (the CPU build is enough); or convert it "
                           f"where torch is installed with experiments/convert_arcface.py and "
                           f"load the .npz") from error
     return clean_state_dict(state)

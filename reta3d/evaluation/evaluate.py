@@ -5,7 +5,9 @@ writes `metrics.json` and `metrics.md` (Table 1(a)'s layout, the paper's rows be
 run's) into the output folder, and returns the results. A metric whose weights are missing is
 skipped with a message naming the file to bring and how to convert it; the others still run.
 Generated features and estimates are cached under `OUT/cache/`, so an interrupted evaluation
-resumes.
+resumes. A later call on the same weights with other metrics adds to `metrics.json` (the
+metrics it recomputes are replaced); one on other weights keeps the earlier file as
+`metrics.WEIGHTS.json` beside it.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ from reta3d import atomic_files, errors
 from reta3d.evaluation import protocol
 
 METRICS = ("fid", "kid", "id", "aed", "apd", "swd")
+# The metrics measured together (one protocol, one cache) and reported as one group.
+GROUPS = {"fid_kid": ("fid", "kid"), "id": ("id",), "aed_apd": ("aed", "apd"), "swd": ("swd",)}
 # Table 1(a) of the paper (FFHQ 512²).
 PAPER_ROWS = {
     "3DFaceShop": {"fid": 23.7, "aed": 0.12, "apd": 0.036, "id": 0.87},
@@ -94,9 +98,13 @@ def evaluate(config, generator, g_vars, source, out, *, metrics: Sequence[str] =
     landmark_embedding: the AED/APD estimator's embedding for a real FLAME generator.
     aed_export: a folder: write the AED/APD images and their driving parameters there instead
     of estimating (to run another estimator, e.g. DECA, on them); aed_estimates: an .npz of
-    that estimator's results (`load_estimates`), compared instead of this project's fitter. Returns {"metrics": {...}, "skipped": {...},
-    "settings": {...}}."""
-    from reta3d.fitting.preprocess import Progress
+    that estimator's results (`load_estimates`), compared instead of this project's fitter.
+
+    Returns the report written to metrics.json: {"model", "weights" (digest of g_vars),
+    "metrics" (flat: every value), "skipped" (metric → why), "timing_s", "settings" (per
+    group), "groups" (GROUPS name → its metrics, skipped, settings and timing)}. Groups this
+    call does not compute are kept from an earlier metrics.json in `out` on the same weights
+    (`merge_reports`)."""
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     unknown = sorted(set(metrics) - set(METRICS))
@@ -106,6 +114,14 @@ def evaluate(config, generator, g_vars, source, out, *, metrics: Sequence[str] =
     results: Dict[str, Any] = {}
     skipped: Dict[str, str] = {}
     timing: Dict[str, float] = {}
+    groups: Dict[str, Dict[str, Any]] = {}
+
+    def record(group, start_results, start_skipped, settings):
+        groups[group] = {
+            "metrics": {k: v for k, v in results.items() if k not in start_results},
+            "skipped": {k: v for k, v in skipped.items() if k not in start_skipped},
+            "settings": json.loads(json.dumps(settings, default=str)),   # paths as text
+            "timing_s": timing[f"{group}_s"]}
     cache_root = out / "cache"
     weights_key = protocol.key_hash(jax_tree_digest(g_vars))
     renderers: Dict[int, Any] = {}
@@ -119,7 +135,7 @@ def evaluate(config, generator, g_vars, source, out, *, metrics: Sequence[str] =
 
     # ---------------------------------------------------------------- FID / KID
     if {"fid", "kid"} & set(metrics):
-        start_time = time.perf_counter()
+        start_time, before, before_skipped = time.perf_counter(), set(results), set(skipped)
         if inception is None:
             for m in ("fid", "kid"):
                 if m in metrics:
@@ -133,9 +149,9 @@ def evaluate(config, generator, g_vars, source, out, *, metrics: Sequence[str] =
                 cache_root / f"real_inception_{resolution}",
                 {"dataset": str(getattr(config.data, "path", "")), "size": len(source),
                  "resolution": resolution, "inception": str(inception)})
-            bar = Progress(len(source), "real features") if progress else None
             real = protocol.chunked(len(source), 256, real_cache, lambda s, e: {
-                "features": features_fn(dataset_images(source, resolution, s, e))}, bar)
+                "features": features_fn(dataset_images(source, resolution, s, e))},
+                "real features" if progress else None)
             render = renderer(resolution)
             conditions = protocol.draw_conditions(source, num_images, seed)
             z = protocol.latents(num_images, config.model.z_dim, seed)
@@ -143,10 +159,9 @@ def evaluate(config, generator, g_vars, source, out, *, metrics: Sequence[str] =
                 cache_root / f"fake_inception_{resolution}",
                 {"weights": weights_key, "num_images": num_images, "seed": seed,
                  "inception": str(inception)})
-            bar = Progress(num_images, "generated features") if progress else None
             fake = protocol.chunked(num_images, 256, fake_cache, lambda s, e: {
                 "features": features_fn(_generate(render, g_vars, z, conditions, s, e, batch))},
-                bar)
+                "generated features" if progress else None)
             if "fid" in metrics:
                 mu_r, sigma_r = fid_lib.feature_statistics(real["features"])
                 mu_f, sigma_f = fid_lib.feature_statistics(fake["features"])
@@ -161,10 +176,13 @@ def evaluate(config, generator, g_vars, source, out, *, metrics: Sequence[str] =
             results["fid_num_real"] = len(source)
             results["fid_num_generated"] = num_images
         timing["fid_kid_s"] = time.perf_counter() - start_time
+        record("fid_kid", before, before_skipped,
+               {"num_images": num_images, "resolution": resolution, "seed": seed,
+                "inception": inception, "dataset_size": len(source)})
 
     # ---------------------------------------------------------------- ID
     if "id" in metrics:
-        start_time = time.perf_counter()
+        start_time, before, before_skipped = time.perf_counter(), set(results), set(skipped)
         render = renderer(face_resolution)
         n = num_identities
         z = protocol.latents(n, config.model.z_dim, seed + 1)
@@ -196,7 +214,6 @@ def evaluate(config, generator, g_vars, source, out, *, metrics: Sequence[str] =
                                     {"weights": weights_key, "n": n, "seed": seed,
                                      "embedding": name, "arcface": str(arcface),
                                      "alignment": id_alignment, "protocol": 2})
-        bar = Progress(n, "ID") if progress else None
 
         def compute(s, e):
             arrays = {}
@@ -208,7 +225,7 @@ def evaluate(config, generator, g_vars, source, out, *, metrics: Sequence[str] =
                     emb, found = embed(images, landmarks68=known[k][s:e])
                 arrays[f"emb{k}"], arrays[f"found{k}"] = np.asarray(emb), np.asarray(found)
             return arrays
-        emb = protocol.chunked(n, 50, cache, compute, bar)
+        emb = protocol.chunked(n, 50, cache, compute, "ID" if progress else None)
         both = emb["found0"] & emb["found1"]
         a, b = emb["emb0"][both], emb["emb1"][both]
         if not both.any():
@@ -231,10 +248,13 @@ def evaluate(config, generator, g_vars, source, out, *, metrics: Sequence[str] =
         results["id_pairs"] = int(both.sum())
         results["id_pairs_requested"] = n
         timing["id_s"] = time.perf_counter() - start_time
+        record("id", before, before_skipped,
+               {"num_identities": num_identities, "face_resolution": face_resolution,
+                "seed": seed, "id_alignment": id_alignment, "arcface": arcface})
 
     # ---------------------------------------------------------------- AED / APD
     if {"aed", "apd"} & set(metrics):
-        start_time = time.perf_counter()
+        start_time, before, before_skipped = time.perf_counter(), set(results), set(skipped)
         model = generator.flame_model
         num_expression = min(model.num_expression, 50)
         total = num_identities * sets_per_identity
@@ -263,13 +283,12 @@ def evaluate(config, generator, g_vars, source, out, *, metrics: Sequence[str] =
             cache = protocol.ChunkCache(cache_root / f"aed_{face_resolution}",
                                         {"weights": weights_key, "total": total, "seed": seed,
                                          "protocol": 2})
-            bar = Progress(total, "AED/APD") if progress else None
 
             def compute(s, e):
                 images = _generate(render, g_vars, z, conditions, s, e, batch)
                 est = protocol.estimate_parameters(images, model, emb_model, num_expression)
                 return {"expression": est.expression, "pose": est.pose, "found": est.found}
-            est = protocol.chunked(total, 50, cache, compute, bar)
+            est = protocol.chunked(total, 50, cache, compute, "AED/APD" if progress else None)
             estimated = protocol.Estimates(est["expression"], est["pose"], est["found"])
             results["aed_estimator"] = "this project's landmark fitter (dlib 68 points + FLAME fit)"
             if estimator_floor and model.name == "template_head":
@@ -285,10 +304,14 @@ def evaluate(config, generator, g_vars, source, out, *, metrics: Sequence[str] =
                 logging.warning("AED/APD: the estimator found no face in any of the %d images",
                                 total)
         timing["aed_apd_s"] = time.perf_counter() - start_time
+        record("aed_apd", before, before_skipped,
+               {"num_identities": num_identities, "sets_per_identity": sets_per_identity,
+                "face_resolution": face_resolution, "seed": seed,
+                "aed_estimates": aed_estimates, "aed_export": aed_export})
 
     # ---------------------------------------------------------------- SWD
     if "swd" in metrics:
-        start_time = time.perf_counter()
+        start_time, before, before_skipped = time.perf_counter(), set(results), set(skipped)
         from reta3d import train
         swd_images = min(num_images, len(source))
         swd = train.evaluate_swd(config, renderer(resolution), g_vars, source, swd_images,
@@ -297,16 +320,68 @@ def evaluate(config, generator, g_vars, source, out, *, metrics: Sequence[str] =
         results["swd_num_images"] = swd_images
         results["swd_levels"] = {str(k): float(v) for k, v in swd["levels"].items()}
         timing["swd_s"] = time.perf_counter() - start_time
+        record("swd", before, before_skipped,
+               {"num_images": swd_images, "resolution": resolution, "seed": seed})
 
-    report = {"model": model_name, "metrics": results, "skipped": skipped, "timing_s": timing,
-              "settings": {"num_images": num_images, "num_identities": num_identities,
-                           "sets_per_identity": sets_per_identity, "resolution": resolution,
-                           "face_resolution": face_resolution, "seed": seed,
-                           "id_alignment": id_alignment,
-                           "inception": inception, "arcface": arcface}}
+    report = merge_reports(read_report(out, weights_key),
+                           {"model": model_name, "weights": weights_key, "groups": groups})
     report = strict_json_values(report)
     atomic_files.write_text(out / "metrics.json", json.dumps(report, indent=2, allow_nan=False))
     atomic_files.write_text(out / "metrics.md", markdown_table(report))
+    return report
+
+
+def read_report(out, weights_key: str) -> Optional[Dict[str, Any]]:
+    """The earlier `out/metrics.json` when it was measured on the same weights (its groups are
+    kept by `merge_reports`), else None. An earlier report of other weights (or unreadable) is
+    first copied to `out/metrics.WEIGHTS.json` (`metrics.earlier.json`), so nothing measured is
+    lost."""
+    path = pathlib.Path(out) / "metrics.json"
+    if not path.is_file():
+        return None
+    try:
+        earlier = json.loads(path.read_text())
+        same = earlier.get("weights") == weights_key and isinstance(earlier.get("groups"), dict)
+    except (ValueError, AttributeError):
+        earlier, same = None, False
+    if same:
+        return earlier
+    tag = earlier.get("weights") if isinstance(earlier, dict) and earlier.get("weights") \
+        else "earlier"
+    kept = path.with_name(f"metrics.{tag}.json")
+    atomic_files.write_bytes(kept, path.read_bytes())
+    print(f"{path} was measured on other weights ({tag}); kept as {kept}", flush=True)
+    return None
+
+
+def merge_reports(earlier: Optional[Dict[str, Any]], current: Dict[str, Any]) -> Dict[str, Any]:
+    """The report of `current` ({"model", "weights", "groups"}) with the groups it does not
+    hold taken from `earlier` (same weights), flattened into "metrics", "skipped", "timing_s"
+    and "settings" (group → settings) in GROUPS' order. A group measured again with the same
+    settings keeps its earlier values that this call did not compute (FID, then KID alone);
+    with other settings it is replaced whole; one this call only skipped keeps its values."""
+    def same(a, b):
+        return json.dumps(strict_json_values(a), sort_keys=True, default=str) == \
+            json.dumps(strict_json_values(b), sort_keys=True, default=str)
+
+    groups = dict((earlier or {}).get("groups", {}))
+    for name, group in current["groups"].items():
+        old = groups.get(name)
+        if old is not None and old["metrics"] and not group["metrics"]:
+            continue     # skipped now (weights not given): the values measured before stay
+        if old is not None and same(old.get("settings"), group["settings"]):
+            group = dict(group, metrics={**old["metrics"], **group["metrics"]},
+                         skipped={**{k: v for k, v in old["skipped"].items()
+                                     if k not in group["metrics"]}, **group["skipped"]})
+        groups[name] = group
+    groups = {g: groups[g] for g in GROUPS if g in groups}
+    report = {"model": current["model"], "weights": current["weights"], "metrics": {},
+              "skipped": {}, "timing_s": {}, "settings": {}, "groups": groups}
+    for name, group in groups.items():
+        report["metrics"].update(group["metrics"])
+        report["skipped"].update(group["skipped"])
+        report["timing_s"][f"{name}_s"] = group["timing_s"]
+        report["settings"][name] = group["settings"]
     return report
 
 
@@ -424,9 +499,15 @@ def markdown_table(report: Dict[str, Any]) -> str:
     id_value = _fmt(m.get("id")) if "id" in m else (
         f"({_fmt(m['id_dlib_distance'])} dlib distance ↓; other identities "
         f"{_fmt(m.get('id_dlib_distance_other_identities'))})" if "id_dlib_distance" in m else "–")
+    if m.get("id_pairs") is not None and m["id_pairs"] < m.get("id_pairs_requested", 0):
+        id_value += f" ({m['id_pairs']} of {m['id_pairs_requested']} pairs)"
+    aed, apd = _fmt(m.get("aed")), _fmt(m.get("apd"))
+    if m.get("estimated") is not None and m["estimated"] < m.get("images", 0):
+        # A value from a few of the images is not the metric: the cell says how few.
+        read = f" ({m['estimated']} of {m['images']} images)"
+        aed, apd = aed + read, apd + read
     lines.append(f"| **{report['model']}** | {_fmt(m.get('fid'))} | {_fmt(m.get('kid'))} | "
-                 f"{_fmt(m.get('aed'))} | {_fmt(m.get('apd'))} | {id_value} | "
-                 f"{_fmt(m.get('swd'))} |")
+                 f"{aed} | {apd} | {id_value} | {_fmt(m.get('swd'))} |")
     notes = []
     if "aed" in m:
         notes.append(f"AED/APD: RMSE (Next3D's convention) {_fmt(m['aed_rmse'])} / "

@@ -442,7 +442,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     try:
         state_dict, _ = load_state_dict_file(path)
     except ImportError as error:
-        raise ImportError(
+        raise errors.MissingDependencyError(
             f"{path}: reading a .pth needs torch (pip install torch; the CPU build is enough). "
             f"Or convert it once, where torch is installed, with `python "
             f"experiments/convert_inception.py --input={path} --output=inception.npz` and pass "

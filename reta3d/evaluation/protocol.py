@@ -29,6 +29,7 @@ import dataclasses
 import hashlib
 import json
 import pathlib
+import sys
 from typing import Any, Callable, Dict, Optional
 
 import numpy as np
@@ -74,19 +75,33 @@ def key_hash(value: Any) -> str:
 
 
 def chunked(num_items: int, chunk: int, cache: ChunkCache,
-            compute: Callable[[int, int], Dict[str, np.ndarray]], progress=None
-            ) -> Dict[str, np.ndarray]:
-    """Runs compute(start, stop) for each chunk not in `cache` and concatenates all chunks."""
-    parts = []
-    for index, start in enumerate(range(0, num_items, chunk)):
-        stop = min(start + chunk, num_items)
+            compute: Callable[[int, int], Dict[str, np.ndarray]], what: Optional[str] = None,
+            stream=None) -> Dict[str, np.ndarray]:
+    """Runs compute(start, stop) for each chunk not in `cache` and concatenates all chunks.
+    what: the progress bar's label (None: no bar). Chunks found in the cache are counted as
+    done from the start, so the rate and ETA are those of the computed ones; when every chunk
+    is cached one line says so."""
+    bounds = [(start, min(start + chunk, num_items)) for start in range(0, num_items, chunk)]
+    cached = [cache.path(i).exists() for i in range(len(bounds))]
+    bar = None
+    if what is not None:
+        from reta3d.fitting.preprocess import Progress
+        if all(cached):
+            print(f"{what}: all {num_items} from the cache ({cache.folder})",
+                  file=stream or sys.stderr, flush=True)
+        else:
+            bar = Progress(num_items, what, stream=stream,
+                           initial=sum(e - s for (s, e), c in zip(bounds, cached) if c))
+    parts, done = [], bar.done if bar else 0
+    for index, (start, stop) in enumerate(bounds):
         arrays = cache.get(index)
         if arrays is None:
             arrays = compute(start, stop)
             cache.put(index, arrays)
+            done += stop - start
+            if bar is not None:
+                bar.update(done)
         parts.append(arrays)
-        if progress is not None:
-            progress.update(stop)
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 

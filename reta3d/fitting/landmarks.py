@@ -85,7 +85,7 @@ def _import_dlib():
     try:
         import dlib
     except ImportError as err:
-        raise ImportError(f"face detection needs dlib: {INSTALL_HINT} (installs dlib-bin)") from err
+        raise errors.MissingDependencyError(f"face detection needs dlib: {INSTALL_HINT} (installs dlib-bin)") from err
     return dlib
 
 

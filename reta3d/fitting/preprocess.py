@@ -251,13 +251,35 @@ def _front_edges(model, fit: "fit_lib.FitResult", i: int, image_size: int):
 
 
 # ------------------------------------------------------------------------------ one photo
-class PhotoSkipped(ValueError):
+class PhotoSkipped(errors.InputError):
     """A photo the preprocessing cannot use: `reason` is "no face" or "face too small",
-    `detail` says more."""
+    `detail` says more. An InputError: a script given one photo reports it in one line."""
 
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason, self.detail = reason, detail
+
+
+def _no_face(image: np.ndarray) -> PhotoSkipped:
+    height, width = image.shape[:2]
+    return PhotoSkipped("no face", "" if min(height, width) >= SMALL_PHOTO else (
+        f"the photo is {width}x{height} px; dlib's face detector misses faces narrower "
+        "than about 40 px"))
+
+
+def require_face(image: np.ndarray, name: str, *,
+                 min_score: float = DEFAULT_MIN_SCORE) -> None:
+    """Raises `PhotoSkipped` naming `name` (the photo's path) when `prepare_photo` would find
+    no face in `image` ((H, W, 3) uint8): the check a script runs before it loads a model
+    (one detection, about a second; up to five on a photo without a face)."""
+    from reta3d.fitting import landmarks as landmarks_lib
+    face, _ = landmarks_lib.find_face(image, min_score=min_score, max_side=DETECTION_MAX_SIDE)
+    if face is None:
+        skipped = _no_face(np.asarray(image))
+        raise PhotoSkipped(skipped.reason, f"{name}: dlib's face detector found no face in it "
+                           "(it finds faces seen roughly from the front, at least about 40 px "
+                           "wide)"
+                           + (f"; {skipped.detail}" if skipped.detail else ""))
 
 
 @dataclasses.dataclass
@@ -285,10 +307,7 @@ def prepare_photo(image: np.ndarray, reference: np.ndarray, resolution: int, *,
     face, num_faces = landmarks_lib.find_face(image, min_score=min_score,
                                               max_side=DETECTION_MAX_SIDE)
     if face is None:
-        height, width = image.shape[:2]
-        raise PhotoSkipped("no face", "" if min(height, width) >= SMALL_PHOTO else (
-            f"the photo is {width}x{height} px; dlib's face detector misses faces narrower "
-            "than about 40 px"))
+        raise _no_face(image)
     notes = []
     if num_faces > 1:
         notes.append(f"{num_faces} faces found; the largest was taken")

@@ -400,7 +400,7 @@ def load_state_dict_file(path: str) -> Tuple[Dict[str, np.ndarray], Optional[Dic
     try:
         import torch  # noqa: PLC0415 - optional dependency, only for .pt files
     except ImportError as e:
-        raise ImportError(f"reading {p} needs PyTorch (pip install torch); or save the state "
+        raise errors.MissingDependencyError(f"reading {p} needs PyTorch (pip install torch); or save the state "
                           "dict as .npz") from e
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
