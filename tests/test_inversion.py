@@ -318,7 +318,8 @@ def test_script_reports_a_workdir_without_checkpoint(tmp_path):
     workdir = tmp_path / "run"
     workdir.mkdir()
     (workdir / "config.json").write_text(demo.get_config().to_json())
-    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(tmp_path / "photo.png")
+    from skimage import data
+    Image.fromarray(data.astronaut()).save(tmp_path / "photo.png")   # a face: passes that check
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "experiments" / "invert.py"),
