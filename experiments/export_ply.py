@@ -82,7 +82,7 @@ def main(argv):
         # Neutral export: the head as reconstructed (the photo's fitted expression, jaw and
         # eyes) unless --expression / --jaw were given; a sequence frame keeps its own.
         photo_expression = (FLAGS.flame_sequence is None and FLAGS.expression is None
-                            and FLAGS.jaw == 0.0)
+                            and not FLAGS["jaw"].present)
         if photo_expression:
             flame = identity.apply_photo_expression(flame)
             what = "the photo's fitted expression"

@@ -69,7 +69,7 @@ def main(argv):
             generator, g_vars, FLAGS["seeds"].present or FLAGS.psi != 1.0
             or FLAGS.truncation_cutoff is not None)
         # The head as reconstructed (novel_views.png), unless an expression was asked for.
-        photo_expression = FLAGS.expression is None and FLAGS.jaw == 0.0
+        photo_expression = FLAGS.expression is None and not FLAGS["jaw"].present
         flame = (identity.apply_photo_expression(flame) if photo_expression
                  else identity.apply_shape(flame))
         seeds = [None]
@@ -114,7 +114,8 @@ def main(argv):
         "seeds": [] if identity_static is not None else seeds, "identity": FLAGS.identity,
         "psi": FLAGS.psi,
         "expression": ("the photo's (fitted)" if photo_expression
-                       else FLAGS.expression or "neutral"), "jaw": FLAGS.jaw,
+                       else FLAGS.expression or "neutral"),
+        "jaw": "the photo's (fitted)" if photo_expression else FLAGS.jaw,
         "views": grid_labels.shape[0], "resolution": int(rows[0].shape[1]),
         "num_gaussians": generator.num_gaussians,
         "seconds_per_seed (first includes compilation)": timings,
