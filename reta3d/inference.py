@@ -421,7 +421,7 @@ def animate_to_video(config, generator, g_vars, seeds: Sequence[int], sequence_s
     write_video(out, side_by_side(frames), fps)
     timing = dict(timing, video=str(out), sequence=sequence_spec, seeds=list(map(int, seeds)),
                   camera=camera, video_fps=fps, resolution=int(frames.shape[2]),
-                  num_gaussians=generator.num_gaussians,
+                  num_gaussians=generator.num_gaussians, backend=frame_fn.backend,
                   static_s_all_identities_incl_compile=static_s, **device_description())
     if identity is not None:
         timing["identity"] = str(identity)

@@ -172,6 +172,7 @@ def test_animation_video_one_frame_per_flame_frame(tiny, tmp_path, monkeypatch):
         assert clip.shape == (NUM_FRAMES, 64, 64, 3), clip.shape
         saved = json.loads(video.timing_path(tmp_path / name).read_text())
         assert saved["frames"] == NUM_FRAMES and len(saved["frame_ms"]) == NUM_FRAMES
+        assert saved["backend"] == "jax"               # resolved, as the config asks
         assert saved == json.loads(json.dumps(timing))
         assert saved["rasterizer_overflow"]["capacity"] == binning.default_capacity(
             generator.num_gaussians, 64, 64)
