@@ -20,7 +20,7 @@ from absl import app, flags  # noqa: E402
 import numpy as np  # noqa: E402
 
 from reta3d.evaluation import arcface  # noqa: E402
-from reta3d import cli  # noqa: E402
+from reta3d import cli, errors  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -39,7 +39,7 @@ def convert(input_path: str, output_path: str) -> tuple[str, dict]:
     the file for an unreadable file or a state dict that is not an arcface_torch IResNet.
     """
     if not pathlib.Path(input_path).is_file():
-        raise FileNotFoundError(f"{input_path!r} not found. {arcface.WEIGHTS_HINT}")
+        raise errors.MissingInputError(f"{input_path!r} not found. {arcface.WEIGHTS_HINT}")
     arrays = arcface.read_torch_state_dict(input_path)
     name, _ = arcface.detect_architecture(arrays)
     arcface.params_from_state_dict(arrays, source=input_path)  # validates keys, shapes, values

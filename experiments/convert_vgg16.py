@@ -18,7 +18,7 @@ from absl import app, flags  # noqa: E402
 import numpy as np  # noqa: E402
 
 from reta3d import vgg  # noqa: E402
-from reta3d import cli  # noqa: E402
+from reta3d import cli, errors  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -43,7 +43,7 @@ def convert(input_path: str, output_path: str) -> dict:
     except ImportError as error:
         raise ImportError("convert_vgg16 needs torch (pip install torch, CPU build is enough)") from error
     if not pathlib.Path(input_path).is_file():
-        raise FileNotFoundError(
+        raise errors.MissingInputError(
             f"{input_path!r} not found. Download {vgg.VGG16_WEIGHTS_FILE} from {vgg.VGG16_WEIGHTS_URL}"
         )
     try:

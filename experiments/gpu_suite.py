@@ -1456,6 +1456,8 @@ def main(argv=None) -> int:
     parser.add_argument("--section", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     out = pathlib.Path(args.out).resolve()
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {args.out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     workers = args.compile_workers or min(8, os.cpu_count() or 1)
     if args.section:

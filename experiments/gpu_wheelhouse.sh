@@ -116,7 +116,10 @@ here="$(cd "$(dirname "$0")" && pwd)"
 read -r -a PIP <<< "${PIP:-python3 -m pip}"
 "${PIP[@]}" install --no-index --find-links "$here" -r "$here/requirements-offline.txt"
 "${PIP[@]}" install --no-index --find-links "$here" --no-deps tensorflow-datasets==4.9.10
-python="${PYTHON:-python3}"
+# The import check runs in the Python that PIP runs ("X -m pip" → X), unless PYTHON is set.
+python="python3"
+if [[ ${#PIP[@]} -ge 3 && "${PIP[1]}" == "-m" && "${PIP[2]}" == "pip" ]]; then python="${PIP[0]}"; fi
+python="${PYTHON:-$python}"
 "$python" - <<'PY'
 import importlib
 for name in ("ml_collections", "grain", "array_record", "tensorflow_datasets", "tensorboardX",

@@ -23,6 +23,7 @@ Nothing here imports JAX at module import, so `--help` stays fast.
 """
 from __future__ import annotations
 
+import ast
 import json
 import math
 import pathlib
@@ -165,8 +166,18 @@ def run(main) -> None:
     def parse_flags(argv):
         try:
             return FLAGS(argv)
-        except flags.Error as e:
-            _exit_with(f"usage error: {e}\nRun {script} --help for the flags.", 1)
+        except (flags.Error, KeyError, AttributeError, OSError) as e:
+            # KeyError / AttributeError: a misspelt --config.x.y override (config_flags);
+            # OSError: a --config file that does not exist.
+            message = str(e)
+            if isinstance(e, (KeyError, AttributeError)) and e.args:
+                message = str(e.args[0])
+                try:   # config_flags' text arrives as a repr: "'name'\nDid you mean …"
+                    message = ast.literal_eval(message)
+                except (ValueError, SyntaxError):
+                    pass
+                message = "unknown --config field " + " ".join(message.split("\n"))
+            _exit_with(f"usage error: {message}\nRun {script} --help for the flags.", 1)
 
     app.run(main_reporting_input_errors, flags_parser=parse_flags)
 
@@ -207,11 +218,15 @@ def render_options(flag_values=FLAGS) -> Dict[str, Optional[Any]]:
 def print_json(result: Mapping[str, Any], out=None) -> str:
     """Prints `result` as indented JSON on stdout (and writes it to `out` when given)."""
     text = json.dumps(result, indent=2)
+    print(text, flush=True)     # first: a bad `out` must not lose a long run's result
     if out:
         path = pathlib.Path(out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_files.write_text(path, text)
-    print(text, flush=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_files.write_text(path, text)
+        except OSError as e:
+            raise errors.InputError(f"cannot write {path} ({e}); the JSON above is the "
+                                    "result") from e
     return text
 
 

@@ -89,7 +89,7 @@ def build_vgg_features(config):
         raise errors.MissingInputError(
             f"config.loss.vgg16={choice!r}: VGG16 weights not found. Convert torchvision's "
             "vgg16-397923af.pth with `python experiments/convert_vgg16.py "
-            "--input=vgg16-397923af.pth --output=vgg16.npz` (README 'Pretrained weights'), or set "
+            "--input=vgg16-397923af.pth --output=vgg16.npz` (README, 'Pretrained VGG16 for L_ID'), or set "
             "--config.loss.vgg16=random to use a fixed random VGG16 explicitly.")
     return vgg.make_vgg16_features_fn(vgg.load_vgg16_params(choice), layers), \
         f"VGG16 for L_ID: pretrained weights from {choice}, {layers}"

@@ -1,5 +1,6 @@
 """The scripts' shared command-line plumbing (reta3d/cli.py) and every script's --help."""
 import io
+import json
 import pathlib
 import re
 import subprocess
@@ -8,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from reta3d import cli, inference
+from reta3d import cli, errors, inference
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -28,6 +29,21 @@ def test_parse_seeds_and_lists():
     z = inference.latents_for_seeds([4, 4, 5], 8)
     np.testing.assert_array_equal(z[0], z[1])
     np.testing.assert_array_equal(z[0], np.random.RandomState(4).randn(8).astype(np.float32))
+
+
+def test_print_json_prints_before_writing_so_a_bad_path_loses_nothing(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(errors.InputError, match="cannot write .*the JSON above is the result"):
+        cli.print_json({"fps": 1.5}, out=tmp_path / "file" / "result.json")
+    assert json.loads(capsys.readouterr().out) == {"fps": 1.5}
+
+
+def test_unreadable_weights_file_is_an_input_error(tmp_path):
+    from reta3d.networks import convert
+    (tmp_path / "weights.pth").write_text("not a pickle")
+    with pytest.raises(errors.InputError, match="weights.pth: not a PyTorch state dict") as info:
+        convert.load_state_dict_file(tmp_path / "weights.pth")
+    assert "weights_only=False" not in str(info.value)   # torch's unsafe advice is not passed on
 
 
 def test_overflow_report_and_warning_line():
@@ -99,6 +115,9 @@ def test_every_script_lists_its_flags_in_help():
      "error: {tmp}/config.json not found: {tmp} is not a training workdir"),
     ("preprocess.py", ["--images={tmp}/photos", "--out={tmp}/data"],
      "usage error: --images: no such folder: {tmp}/photos"),
+    ("../launch.py", ["--config=configs/demo.py", "--workdir={tmp}/run",
+                      "--config.train.batch_sise=8"],
+     "usage error: unknown --config field 'batch_sise' Did you mean \"batch_size\""),
     ("export_ply.py", ["--workdir={tmp}", "--seed=0.5"],
      "usage error: flag --seed=0.5: invalid literal for int()"),
     ("invert.py", ["--workdir={tmp}", "--image={tmp}/grey.png", "--out={tmp}/inverted"],

@@ -405,8 +405,12 @@ def load_state_dict_file(path: str) -> Tuple[Dict[str, np.ndarray], Optional[Dic
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise ValueError(f"cannot load {p} with torch.load(weights_only=True): {e}. Save a "
-                         "plain state dict: torch.save(module.state_dict(), path)") from e
+        # torch's own text suggests weights_only=False, which would run the file's pickled
+        # code: not repeated here.
+        raise errors.InputError(
+            f"{p}: not a PyTorch state dict that torch.load(weights_only=True) can read "
+            f"({type(e).__name__}). Save a plain state dict: "
+            "torch.save(module.state_dict(), path)") from e
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not all(hasattr(v, "detach") for v in obj.values()):
