@@ -771,9 +771,7 @@ class Identity:
         out = self.apply_shape(flame)
         for key in ("expression", "jaw_pose", "eye_pose"):
             if key in out:
-                width = out[key].shape[1]
-                fitted = np.asarray(self.flame[key], np.float32).reshape(-1)[:width]
-                out[key] = np.pad(fitted, (0, width - fitted.shape[0]))[None].astype(np.float32)
+                out[key] = _fit_rows(self.flame[key], out[key].shape[1], out[key].shape[0])
         return out
 
 
@@ -784,9 +782,16 @@ def with_identity_shape(flame: Mapping[str, Any], shape: np.ndarray) -> Dict[str
     shape = np.asarray(shape, np.float32).reshape(-1)
     rows = int(next(iter(out.values())).shape[0]) if out else 1
     width = out["shape"].shape[1] if "shape" in out else shape.shape[0]
-    shape = np.pad(shape[:width], (0, max(0, width - shape.shape[0])))
-    out["shape"] = np.repeat(shape[None], rows, axis=0).astype(np.float32)
+    out["shape"] = _fit_rows(shape, width, rows)
     return out
+
+
+def _fit_rows(values, width: int, rows: int) -> np.ndarray:
+    """One row of coefficients ((k,) or (1, k)) truncated / zero-padded to `width` and repeated
+    over `rows` → (rows, width) float32."""
+    values = np.asarray(values, np.float32).reshape(-1)[:width]
+    values = np.pad(values, (0, width - values.shape[0]))
+    return np.repeat(values[None], rows, axis=0)
 
 
 def write_identity(path, *, ws: np.ndarray, w: np.ndarray, space: str, static, flame,

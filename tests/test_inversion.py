@@ -127,6 +127,10 @@ def test_identity_renders_at_its_photo_expression_or_a_given_one():
     assert not posed["global_pose"].any() and not posed["neck_pose"].any()
     plain = identity.apply_shape(neutral)
     assert not plain["expression"].any() and not plain["jaw_pose"].any()
+    # A sequence (T rows): every row gets them.
+    sequence = identity.apply_photo_expression({k: np.repeat(v, 3, 0) for k, v in neutral.items()})
+    assert sequence["expression"].shape == (3, 5) and sequence["shape"].shape == (3, 6)
+    np.testing.assert_array_equal(sequence["expression"], [[1, 2, 3, 0, 0]] * 3)
 
 
 def test_read_identity_rejects_other_files(tmp_path):

@@ -24,8 +24,8 @@ from reta3d import atomic_files, errors
 from reta3d.evaluation import protocol
 
 METRICS = ("fid", "kid", "id", "aed", "apd", "swd")
-# The metrics measured together (one protocol, one cache) and reported as one group.
-GROUPS = {"fid_kid": ("fid", "kid"), "id": ("id",), "aed_apd": ("aed", "apd"), "swd": ("swd",)}
+# The groups of metrics measured together (one protocol, one cache), in the report's order.
+GROUPS = ("fid_kid", "id", "aed_apd", "swd")
 # Table 1(a) of the paper (FFHQ 512²).
 PAPER_ROWS = {
     "3DFaceShop": {"fid": 23.7, "aed": 0.12, "apd": 0.036, "id": 0.87},
@@ -360,16 +360,13 @@ def merge_reports(earlier: Optional[Dict[str, Any]], current: Dict[str, Any]) ->
     and "settings" (group → settings) in GROUPS' order. A group measured again with the same
     settings keeps its earlier values that this call did not compute (FID, then KID alone);
     with other settings it is replaced whole; one this call only skipped keeps its values."""
-    def same(a, b):
-        return json.dumps(strict_json_values(a), sort_keys=True, default=str) == \
-            json.dumps(strict_json_values(b), sort_keys=True, default=str)
-
     groups = dict((earlier or {}).get("groups", {}))
     for name, group in current["groups"].items():
         old = groups.get(name)
         if old is not None and old["metrics"] and not group["metrics"]:
             continue     # skipped now (weights not given): the values measured before stay
-        if old is not None and same(old.get("settings"), group["settings"]):
+        # Settings are plain JSON values (`evaluate` round-trips them), so == compares them.
+        if old is not None and old.get("settings") == group["settings"]:
             group = dict(group, metrics={**old["metrics"], **group["metrics"]},
                          skipped={**{k: v for k, v in old["skipped"].items()
                                      if k not in group["metrics"]}, **group["skipped"]})

@@ -260,11 +260,16 @@ class PhotoSkipped(errors.InputError):
         self.reason, self.detail = reason, detail
 
 
-def _no_face(image: np.ndarray) -> PhotoSkipped:
+def _no_face(image: np.ndarray, name: Optional[str] = None) -> PhotoSkipped:
+    """PhotoSkipped("no face"), its detail naming the photo (`name`) and a small photo's size."""
     height, width = image.shape[:2]
-    return PhotoSkipped("no face", "" if min(height, width) >= SMALL_PHOTO else (
-        f"the photo is {width}x{height} px; dlib's face detector misses faces narrower "
-        "than about 40 px"))
+    details = [] if name is None else [
+        f"{name}: dlib's face detector found no face in it (it finds faces seen roughly from "
+        "the front, at least about 40 px wide)"]
+    if min(height, width) < SMALL_PHOTO:
+        details.append(f"the photo is {width}x{height} px; dlib's face detector misses faces "
+                       "narrower than about 40 px")
+    return PhotoSkipped("no face", "; ".join(details))
 
 
 def require_face(image: np.ndarray, name: str, *,
@@ -275,11 +280,7 @@ def require_face(image: np.ndarray, name: str, *,
     from reta3d.fitting import landmarks as landmarks_lib
     face, _ = landmarks_lib.find_face(image, min_score=min_score, max_side=DETECTION_MAX_SIDE)
     if face is None:
-        skipped = _no_face(np.asarray(image))
-        raise PhotoSkipped(skipped.reason, f"{name}: dlib's face detector found no face in it "
-                           "(it finds faces seen roughly from the front, at least about 40 px "
-                           "wide)"
-                           + (f"; {skipped.detail}" if skipped.detail else ""))
+        raise _no_face(np.asarray(image), name)
 
 
 @dataclasses.dataclass
