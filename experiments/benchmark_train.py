@@ -5,7 +5,10 @@
 
 One iteration = G step + D step + (1/r1_interval of) the R1 step, on random in-memory batches
 shaped like the dataset's, after warm-up; median over repeats, with block_until_ready. Prints
-one JSON object per config.
+one JSON object per config. As in training, a warm-up whose renders drop tile intersections
+grows the rasterizer's capacity (and recompiles) before timing: `render_capacity_start` ->
+`render_capacity`; `render_dropped_fraction` / `render_overflow_max` are the timed G steps'
+worst (0 when the timed step rendered everything).
 """
 import importlib
 import json
@@ -27,15 +30,16 @@ flags.DEFINE_string("backend", None, "Rasterizer backend override (jax | triton 
 FLAGS = flags.FLAGS
 
 
-def measure(name):
+def measure(name, repeats=5, warmup=2, batch_size=None, backend=None):
+    """The JSON object of configs/NAME.py."""
     import jax
     import numpy as np
     from reta3d import train
     config = importlib.import_module(f"configs.{name}").get_config()
-    if FLAGS.batch_size:
-        config.train.batch_size = FLAGS.batch_size
-    if FLAGS.backend:
-        config.render.backend = FLAGS.backend
+    if batch_size:
+        config.train.batch_size = batch_size
+    if backend:
+        config.render.backend = backend
     if config.loss.lambda_id > 0 and config.loss.vgg16 != "random" and \
             not pathlib.Path(config.loss.vgg16).is_file():
         config.loss.vgg16 = "random"  # same cost as the pretrained weights
@@ -46,25 +50,25 @@ def measure(name):
     vgg_features = train.build_vgg_features(config)[0] if config.loss.lambda_id > 0 else None
     t0 = time.time()
     state = train.create_train_state(config, generator, discriminator, jax.random.PRNGKey(0))
-    steps = train.make_steps(config, generator, discriminator, vgg_features)
     state = train.replicate(state)
     batch = train.random_batch(config, num_devices, per_device, np.random.default_rng(0))
-    decay = np.full((num_devices,), 0.999, np.float32)
-
-    def timed(fn, *args):
-        nonlocal state
-        start = time.perf_counter()
-        state, metrics = fn(state, *args)
-        jax.block_until_ready(metrics)
-        return time.perf_counter() - start
-
-    phases = {"g_step": (batch, decay), "d_step": (batch,), "d_reg_step": (batch,)}
-    for _ in range(FLAGS.warmup):
-        for phase, args in phases.items():
-            timed(steps[phase], *args)
+    # Times the step training would run: a warm-up whose renders drop tile intersections
+    # grows the capacity first, as train_and_evaluate does.
+    capacity_start = train.render_capacity(config, generator.num_gaussians)
+    steps, state, _ = train.warm_up_steps(config, generator, discriminator, vgg_features, state,
+                                          batch, warmup)
     warm = time.time() - t0
-    times = {phase: statistics.median(timed(steps[phase], *args) for _ in range(FLAGS.repeats))
-             for phase, args in phases.items()}
+    times, overflow = {}, []
+    for phase, args in train.phase_args(batch, num_devices).items():
+        samples = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            state, metrics = steps[phase](state, *args)
+            jax.block_until_ready(metrics)
+            samples.append(time.perf_counter() - start)
+            if phase == "g_step":
+                overflow.append(train.step_overflow(metrics))
+        times[phase] = statistics.median(samples)
     iteration = times["g_step"] + times["d_step"] + times["d_reg_step"] / config.loss.r1_interval
     return {
         "config": name, "device": jax.devices()[0].device_kind, "num_devices": num_devices,
@@ -75,7 +79,11 @@ def measure(name):
         "ms_per_iteration": round(iteration * 1e3, 2),
         "images_per_s": round(config.train.batch_size / iteration, 2),
         "images_per_s_per_device": round(config.train.batch_size / iteration / num_devices, 2),
-        "warmup_s": round(warm, 1), "repeats": FLAGS.repeats,
+        "render_capacity": train.render_capacity(config, generator.num_gaussians),
+        "render_capacity_start": capacity_start,
+        "render_overflow_max": max(o["render_overflow_max"] for o in overflow),
+        "render_dropped_fraction": max(o["render_dropped_fraction"] for o in overflow),
+        "warmup_s": round(warm, 1), "repeats": repeats,
         "paper_reference": "about 12 images/s per RTX A6000 (25M images in 6 days on 4 GPUs)",
     }
 
@@ -83,7 +91,9 @@ def measure(name):
 def main(argv):
     del argv
     for name in FLAGS.configs:
-        print(json.dumps(measure(name)), flush=True)
+        print(json.dumps(measure(name, repeats=FLAGS.repeats, warmup=FLAGS.warmup,
+                                 batch_size=FLAGS.batch_size, backend=FLAGS.backend)),
+              flush=True)
 
 
 if __name__ == "__main__":

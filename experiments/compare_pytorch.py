@@ -2,7 +2,8 @@
 
   python experiments/compare_pytorch.py stylegan2 --reference FILE.npz [--tolerance_scale X]
       our Flax StyleGAN2 vs a reference vector file from the official PyTorch code
-      (format of ../shared/pytorch/sg2_*.npz); exits non-zero on a mismatch.
+      (format of ../shared/pytorch/sg2_*.npz); exit status 0: all match, 1: a mismatch,
+      2: an unusable reference file or flag (as diff's 0/1/2).
   python experiments/compare_pytorch.py rasterizer [flags]
       our rasterizer vs gsplat (projection on CPU; full CUDA rasterization on a GPU).
 

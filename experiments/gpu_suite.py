@@ -1114,42 +1114,71 @@ def _train(ctx: Context, dtype: str) -> None:
         try:
             state = train.create_train_state(config, generator, discriminator,
                                              jax.random.PRNGKey(0))
-            steps = train.make_steps(config, generator, discriminator, vgg)
             state = train.replicate(state)
             batch = train.random_batch(config, num_devices, global_batch // num_devices,
                                        np.random.default_rng(0))
-            decay = jax.numpy.full((num_devices,), 0.999, jax.numpy.float32)
+            phases = train.phase_args(batch, num_devices)
             attempt["setup_s"] = time.perf_counter() - start
-            phases = {"g_step": (batch, decay), "d_step": (batch,), "d_reg_step": (batch,)}
-            try:
-                lowered = {p: steps[p].lower(state, *args) for p, args in phases.items()}
-            except Exception as error:  # noqa: BLE001 - e.g. a jax whose pmap cannot lower
-                lowered = None
-                attempt["aot"] = f"not available ({type(error).__name__}: {error}); the " \
-                                 "phases compile on their first call (warm-up)"
-            if lowered is None:
-                fns = {p: steps[p] for p in phases}
-            else:
-                progress(f"train {dtype}: batch {global_batch}: compiling the 3 phases")
-                compiled = compile_parallel(lowered, ctx.compile_workers)
-                attempt["compile_s"] = {p: compiled[p][1] for p in phases}
-                for p in phases:
-                    if isinstance(compiled[p][0], Exception):
-                        raise compiled[p][0]
-                fns = {p: compiled[p][0] for p in phases}
+            attempt["render_capacity_start"] = train.render_capacity(config,
+                                                                     generator.num_gaussians)
+            last = {}
 
             def timed(phase):
                 nonlocal state
                 t = time.perf_counter()
-                state, metrics = fns[phase](state, *phases[phase])
-                jax.block_until_ready(metrics)
+                state, last[phase] = fns[phase](state, *phases[phase])
+                jax.block_until_ready(last[phase])
                 return time.perf_counter() - t
 
-            for _ in range(s["warmup"]):
-                for phase in phases:
-                    timed(phase)
-            times = {p: float(np.median([timed(p) for _ in range(s["repeats"])]))
+            # Time the step training runs: a warm-up whose renders drop tile intersections
+            # (random init at 512²) grows the capacity and compiles again, as training does.
+            while True:
+                steps = train.make_steps(config, generator, discriminator, vgg)
+                try:
+                    lowered = {p: steps[p].lower(state, *args) for p, args in phases.items()}
+                except Exception as error:  # noqa: BLE001 - e.g. a jax whose pmap cannot lower
+                    lowered = None
+                    attempt["aot"] = f"not available ({type(error).__name__}: {error}); the " \
+                                     "phases compile on their first call (warm-up)"
+                if lowered is None:
+                    fns = {p: steps[p] for p in phases}
+                else:
+                    progress(f"train {dtype}: batch {global_batch}: compiling the 3 phases")
+                    compiled = compile_parallel(lowered, ctx.compile_workers)
+                    attempt.setdefault("compile_s", []).append(
+                        {p: compiled[p][1] for p in phases})
+                    for p in phases:
+                        if isinstance(compiled[p][0], Exception):
+                            raise compiled[p][0]
+                    fns = {p: compiled[p][0] for p in phases}
+                for _ in range(max(1, s["warmup"])):
+                    for phase in phases:
+                        timed(phase)
+                warm_overflow = train.step_overflow(last["g_step"])
+                grown = train.capacity_after(config, generator.num_gaussians, warm_overflow)
+                if grown is None:
+                    break
+                attempt.setdefault("warm_up_overflow", []).append(
+                    dict(warm_overflow, render_capacity=train.render_capacity(
+                        config, generator.num_gaussians)))
+                rec.save()     # kept if the section's time runs out while compiling again
+                progress(f"train {dtype}: batch {global_batch}: the renders overflowed; "
+                         f"capacity -> {grown}")
+                train.set_render_capacity(config, grown)
+            attempt["render_capacity"] = train.render_capacity(config, generator.num_gaussians)
+            overflow = []
+
+            def timed_g():
+                seconds = timed("g_step")
+                overflow.append(train.step_overflow(last["g_step"]))
+                return seconds
+
+            times = {p: float(np.median([(timed_g() if p == "g_step" else timed(p))
+                                         for _ in range(s["repeats"])]))
                      for p in phases}
+            attempt["render_overflow_max"] = max(o["render_overflow_max"] for o in overflow)
+            attempt["render_dropped_fraction"] = max(o["render_dropped_fraction"]
+                                                     for o in overflow)
             interval = config.loss.r1_interval
             iteration = times["g_step"] + times["d_step"] + times["d_reg_step"] / interval
             # End to end: r1_interval iterations of train.train_iteration (one R1 among them).
@@ -1174,6 +1203,8 @@ def _train(ctx: Context, dtype: str) -> None:
                       "images_per_s": attempt["images_per_s"],
                       "images_per_s_end_to_end": attempt["end_to_end"]["images_per_s"],
                       "peak_bytes_in_use": attempt["memory"]["peak_bytes_in_use"],
+                      "render_capacity": attempt["render_capacity"],
+                      "render_dropped_fraction": attempt["render_dropped_fraction"],
                       "bytes_limit": attempt["memory"]["bytes_limit"]})
             rec.save()
             progress(f"train {dtype}: batch {global_batch}: {attempt['images_per_s']:.2f} "

@@ -26,7 +26,7 @@ import os
 import pathlib
 import signal
 import time
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import jax
 import jax.numpy as jnp
@@ -77,6 +77,31 @@ def build_discriminator(config) -> stylegan2.Discriminator:
         mbstd_group_size=d.mbstd_group_size)
 
 
+def uses_vgg(config) -> bool:
+    """Whether training computes L_ID (Eq. 8), i.e. needs the VGG16 of config.loss.vgg16: only
+    with G_d (the Tab. 1(c) rows without it have no L_ID) and lambda_id > 0."""
+    return bool(config.model.get("dynamic_module", True)) and config.loss.lambda_id > 0
+
+
+def check_vgg_weights(config) -> None:
+    """Raises MissingInputError when L_ID is on and config.loss.vgg16 names no file."""
+    choice = config.loss.vgg16
+    if uses_vgg(config) and choice != "random" and not pathlib.Path(choice).is_file():
+        raise errors.MissingInputError(
+            f"config.loss.vgg16={choice!r}: VGG16 weights not found. Convert torchvision's "
+            "vgg16-397923af.pth with `python experiments/convert_vgg16.py "
+            "--input=vgg16-397923af.pth --output=vgg16.npz` (README, 'Pretrained VGG16 for L_ID'), or set "
+            "--config.loss.vgg16=random to use a fixed random VGG16 explicitly.")
+
+
+def check_workdir(workdir: pathlib.Path) -> None:
+    """Raises InputError when `workdir` exists and is not a folder (or lies under a file)."""
+    for path in (workdir, *workdir.parents):
+        if path.exists() and not path.is_dir():
+            raise errors.InputError(
+                f"--workdir={workdir}: {path} is a file, not a folder; choose another --workdir")
+
+
 def build_vgg_features(config):
     """The VGG16 feature function for L_ID and a description of which weights it uses."""
     from reta3d import vgg
@@ -85,12 +110,7 @@ def build_vgg_features(config):
     if choice == "random":
         return vgg.make_vgg16_features_fn(vgg.random_vgg16_params(0), layers), \
             f"VGG16 for L_ID: fixed random initialisation (config.loss.vgg16='random'), {layers}"
-    if not pathlib.Path(choice).is_file():
-        raise errors.MissingInputError(
-            f"config.loss.vgg16={choice!r}: VGG16 weights not found. Convert torchvision's "
-            "vgg16-397923af.pth with `python experiments/convert_vgg16.py "
-            "--input=vgg16-397923af.pth --output=vgg16.npz` (README, 'Pretrained VGG16 for L_ID'), or set "
-            "--config.loss.vgg16=random to use a fixed random VGG16 explicitly.")
+    check_vgg_weights(config)
     return vgg.make_vgg16_features_fn(vgg.load_vgg16_params(choice), layers), \
         f"VGG16 for L_ID: pretrained weights from {choice}, {layers}"
 
@@ -550,6 +570,36 @@ def replicate(tree, devices=None):
     return jax.pmap(lambda x: x, axis_name="batch", devices=devices)(stacked)
 
 
+def phase_args(batch, num_devices: int, ema_decay: float = 0.999) -> Dict[str, tuple]:
+    """The arguments after `state` of each step of make_steps, for benchmarks timing the
+    phases one by one: {"g_step": (batch, decay), "d_step": (batch,), "d_reg_step": (batch,)}."""
+    decay = jnp.full((num_devices,), ema_decay, jnp.float32)
+    return {"g_step": (batch, decay), "d_step": (batch,), "d_reg_step": (batch,)}
+
+
+def warm_up_steps(config, generator, discriminator, vgg_features, state, batch, warmup: int):
+    """make_steps, then `warmup` (>= 1) calls of each phase on `batch`, for benchmarks. When
+    the G step's renders drop tile intersections (a random-init generator at 512² does), the
+    capacity grows as in train_and_evaluate (config.render.capacity is set) and the steps are
+    made and warmed up again, so that what a benchmark then times is the step training runs.
+    `state` replicated. Returns (steps, state, the last G step's step_overflow)."""
+    args = phase_args(batch, state.step.shape[0])
+    while True:
+        steps = make_steps(config, generator, discriminator, vgg_features)
+        for _ in range(max(1, warmup)):
+            for phase, phase_arguments in args.items():
+                state, metrics = steps[phase](state, *phase_arguments)
+                jax.block_until_ready(metrics)
+                if phase == "g_step":
+                    overflow = step_overflow(metrics)
+        grown = capacity_after(config, generator.num_gaussians, overflow)
+        if grown is None:
+            return steps, state, overflow
+        logging.info("benchmark warm-up: rasterizer capacity %d -> %d", render_capacity(
+            config, generator.num_gaussians), grown)
+        set_render_capacity(config, grown)
+
+
 def unreplicate(tree):
     return jax.tree_util.tree_map(lambda x: x[0], tree)
 
@@ -852,9 +902,31 @@ def grown_capacity(capacity: int, overflow: int, num_gaussians: int, resolution:
     return int(min(1 << (needed - 1).bit_length(), num_gaussians * tiles_x * tiles_y))
 
 
-def _set_capacity(config, capacity: int) -> None:
+def set_render_capacity(config, capacity: int) -> None:
+    """Sets config.render.capacity (the config may be locked); make_steps reads it."""
     with config.unlocked():
         config.render.capacity = int(capacity)
+
+
+def step_overflow(metrics) -> Dict[str, Any]:
+    """The rasterizer overflow of a g_step's (replicated) metrics, on the host:
+    {"render_overflow_max": the worst image's dropped intersections (int),
+     "render_dropped_fraction": their mean fraction over the batch (float)}."""
+    return {"render_overflow_max": int(jax.device_get(metrics["render_overflow_max"])[0]),
+            "render_dropped_fraction": float(jax.device_get(
+                metrics["render_dropped_fraction"])[0])}
+
+
+def capacity_after(config, num_gaussians: int, overflow: Dict[str, Any]) -> Optional[int]:
+    """The capacity training would grow to after a g_step with `overflow` (step_overflow) at
+    the current capacity (grown_capacity), or None when nothing was dropped or the capacity is
+    already the most it can be. For benchmarks, which must time the step training would run."""
+    if overflow["render_overflow_max"] <= 0:
+        return None
+    current = render_capacity(config, num_gaussians)
+    new = grown_capacity(current, overflow["render_overflow_max"], num_gaussians,
+                         config.render.resolution)
+    return new if new > current else None
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
@@ -867,6 +939,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     _maybe_initialize_distributed()
     workdir = pathlib.Path(workdir)
     is_main = jax.process_index() == 0
+    check_workdir(workdir)       # the checks that need nothing built come before the dataset,
+    check_vgg_weights(config)    # which can take minutes to copy or synthesise
     source = prepare_data(config)
     num_devices = jax.local_device_count()
     batch_size = config.train.batch_size
@@ -886,7 +960,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         print(f"Tab. 1(c) ablation row '{generator.config.ablation_row}': no G_d, the expression "
               "conditions the UV generator (rerun per frame); L_ID and L_reg^G_d are off",
               flush=True)
-    elif config.loss.lambda_id > 0:
+    elif uses_vgg(config):
         vgg_features, vgg_note = build_vgg_features(config)
         logging.info(vgg_note)
         print(vgg_note, flush=True)
@@ -975,7 +1049,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         return result
 
     if meta.get("render_capacity", 0) > render_capacity(config, generator.num_gaussians):
-        _set_capacity(config, meta["render_capacity"])  # grown by an earlier run
+        set_render_capacity(config, meta["render_capacity"])  # grown by an earlier run
         sample_fn = make_sample_fn(config, generator)
     steps = make_steps(config, generator, discriminator, vgg_features)
     state = replicate(state)
@@ -1012,7 +1086,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                      "render_overflow_max": worst, "render_capacity": new})
         if new <= current:
             return
-        _set_capacity(config, new)
+        set_render_capacity(config, new)
         meta["render_capacity"] = new
         steps = make_steps(config, generator, discriminator, vgg_features)
         sample_fn = make_sample_fn(config, generator)

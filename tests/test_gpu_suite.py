@@ -116,6 +116,9 @@ def test_smoke_run_has_every_section_with_numbers(smoke_report):
     attempt = train["attempts"][str(train["global_batch"])]
     assert attempt["metrics_finite"] and set(attempt["ms_per_phase"]) == {
         "g_step", "d_step", "d_reg_step"}
+    # Timed at a capacity that renders everything (grown first if the warm-up overflowed).
+    assert train["render_dropped_fraction"] == 0.0 and attempt["render_overflow_max"] == 0
+    assert train["render_capacity"] >= attempt["render_capacity_start"] > 0
     for name in expected:
         if name != "pytest":
             assert (out / "logs" / f"{name}.log").is_file()

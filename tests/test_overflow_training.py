@@ -39,3 +39,41 @@ def test_overflowing_run_logs_warns_and_grows_the_capacity(tmp_path, capsys):
     last = [r for r in records if r.get("step") == 3 and "g_total" in r][0]
     assert last["render_dropped_fraction"] == 0.0 and last["render_overflow_max"] == 0
     assert config.render.capacity == grown[-1]["render_capacity"]
+
+
+def test_step_overflow_and_the_capacity_training_would_grow_to():
+    import numpy as np
+    from test_launch import tiny_config
+    config = tiny_config()
+    config.render.capacity = 1024
+    metrics = {"render_overflow_max": np.array([100, 100]),
+               "render_dropped_fraction": np.array([0.05, 0.05], np.float32)}
+    overflow = train.step_overflow(metrics)
+    assert overflow == {"render_overflow_max": 100, "render_dropped_fraction": pytest.approx(0.05)}
+    assert train.capacity_after(config, 10_000, overflow) == 2048
+    assert train.capacity_after(config, 10_000, dict(overflow, render_overflow_max=0)) is None
+    config.render.capacity = 64 * 16        # every Gaussian in every tile: nothing to grow
+    assert train.capacity_after(config, 64, overflow) is None
+
+
+@pytest.mark.slow
+def test_benchmark_warm_up_grows_the_capacity_before_timing():
+    """experiments/benchmark_train.py (and the GPU suite) time what training runs: a warm-up
+    whose renders overflow grows the capacity, and the step after it renders everything."""
+    import jax
+    import numpy as np
+    from test_launch import tiny_config
+    config = tiny_config()
+    config.render.capacity = 64        # far below what the head needs
+    generator = train.build_generator(config)
+    discriminator = train.build_discriminator(config)
+    state = train.replicate(train.create_train_state(config, generator, discriminator,
+                                                     jax.random.PRNGKey(0)))
+    n = jax.local_device_count()
+    batch = train.random_batch(config, n, config.train.batch_size // n,
+                               np.random.default_rng(0))
+    steps, state, overflow = train.warm_up_steps(config, generator, discriminator, None, state,
+                                                 batch, warmup=1)
+    assert config.render.capacity > 64 and overflow["render_overflow_max"] == 0
+    _, metrics = steps["g_step"](state, *train.phase_args(batch, n)["g_step"])
+    assert train.step_overflow(metrics)["render_overflow_max"] == 0

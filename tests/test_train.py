@@ -246,6 +246,17 @@ def test_a_run_that_cannot_start_says_which_flag_and_writes_nothing(tmp_path):
     with pytest.raises(errors.InputError, match="multiple of the 2 device"):
         train.train_and_evaluate(config, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+    # Checked before the dataset is touched: a --workdir that is a file, missing VGG16 weights.
+    config.data.path = str(tmp_path / "never_built")
+    config.data.synthetic = True
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(errors.InputError, match="a_file is a file, not a folder"):
+        train.train_and_evaluate(config, tmp_path / "a_file" / "run")
+    config.loss.lambda_id = 1.0
+    config.loss.vgg16 = str(tmp_path / "vgg16.npz")
+    with pytest.raises(errors.MissingInputError, match="VGG16 weights not found"):
+        train.train_and_evaluate(config, tmp_path / "run")
+    assert not (tmp_path / "never_built").exists() and not (tmp_path / "run").exists()
 
 
 def test_swap_conditioning_rolls_the_batch():
