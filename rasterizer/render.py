@@ -321,7 +321,8 @@ def render(gaussians: Gaussians, camera: Camera, background: Optional[jax.Array]
       quats (..., N, 4) wxyz, opacities (..., N), colors (..., N, C), float32.
     camera: `Camera`, world_to_camera (..., 4, 4), intrinsics (..., 3, 3); an unbatched
       camera (or unbatched Gaussians) is broadcast against a batch of B.
-    background: (C,) or (B, C); None = zeros.
+    background: (C,) or (B, C); None = zeros (black). The RETA3D configs train and sample on
+      `config.render.background` (1.0, white): pass `jnp.full((3,), 1.0)` to match them.
     backend: "jax", "cpu", "triton" or "auto" (triton when jax.default_backend() == "gpu" and
       jax_triton imports; cpu, the C++ compositor, on a CPU where it builds; otherwise jax,
       with one warning line naming the cause: `resolve_backend`).
@@ -332,7 +333,10 @@ def render(gaussians: Gaussians, camera: Camera, background: Optional[jax.Array]
 
     Returns `RenderOutput` with color (..., H, W, C), alpha (..., H, W), depth (..., H, W),
     overflow (...) int32; `...` is () when neither input had a batch dimension.
-    Jit-able; differentiable w.r.t. every Gaussian field, the background and the camera.
+    Jit-able, vmap-able; differentiable in reverse mode (jax.grad, jax.vjp) w.r.t. every
+    Gaussian field, the background and the camera. Not in forward mode: the compositing of
+    every backend is a jax.custom_vjp, so jax.jvp, jax.jacfwd and jax.hessian end in JAX's
+    "can't apply forward-mode autodiff (jvp) to a custom_vjp function" (use jax.jacrev).
     """
     backend = resolve_backend(backend)
     gaussians_bn, camera_b, background_b, batched = _batched_inputs(gaussians, camera,

@@ -29,6 +29,10 @@ class Gaussians:
     quats     (..., N, 4) float32  rotation, (w, x, y, z); normalised inside the renderer
     opacities (..., N)    float32  in [0, 1]
     colors    (..., N, C) float32  C in 1..32 (RGB or feature channels)
+
+    A frozen dataclass and a JAX pytree (jit, vmap and tree_map see the five arrays): change a
+    field with `dataclasses.replace(gaussians, colors=...)`. q and −q are the same rotation;
+    the head binding's quaternions can change sign between frames, the renders cannot.
     """
 
     means: jax.Array
@@ -89,8 +93,9 @@ def look_at_eg3d_label(yaw: float, pitch: float, radius: float = 2.7,
                        target=(0.0, 0.0, 0.2), focal: float = 4.2647) -> np.ndarray:
     """EG3D's LookAtPoseSampler pose as a 25-number label (numpy (25,) float32).
 
-    yaw, pitch in radians, 0 = frontal (camera on +z looking at the face); positive pitch
-    moves the camera down (EG3D: v = π/2 + pitch). Exactly EG3D's `LookAtPoseSampler.sample`
+    yaw, pitch in radians, 0 = frontal (camera on +z looking at the face); positive yaw
+    moves the camera to +x, the subject's left (yaw 30°: camera at (1.35, 0, 2.34)); positive
+    pitch moves the camera down (EG3D: v = π/2 + pitch). Exactly EG3D's `LookAtPoseSampler.sample`
     (eg3d/camera_utils.py) with h = π/2 + yaw, v = π/2 + pitch:
         θ = h,  φ = arccos(1 − 2·clamp(v, 1e-5, π − 1e-5)/π),
         origin = radius·(sin φ cos(π − θ), cos φ, sin φ sin(π − θ))   (a sphere around the

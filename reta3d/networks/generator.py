@@ -728,8 +728,14 @@ class RETA3DGenerator:
         frame's condition (`synthesize`, with `noise_mode` / `rng`), whatever use_dynamic says.
 
         aux: offset_raw (B, N, 3) raw offsets, scale_raw (B, N, 3), scales (B, N, 3) activated
-        scales, means (B, N, 3), face_features / mouth_features (the decoded maps, F_d or F),
-        delta_face / delta_mouth (ΔF, zeros without G_d), dynamic_applied () bool.
+        scales, means (B, N, 3), surface_points (B, N, 3) (each Gaussian's point p on the posed
+        mesh, before its offset: where a Gaussian belongs on the face), vertices_world (B, V, 3)
+        (the posed FLAME mesh, EG3D world space), up (B, 3), face_features / mouth_features
+        (the decoded maps, F_d or F), delta_face / delta_mouth (ΔF, zeros without G_d),
+        dynamic_applied () bool.
+
+        Not jitted (`jit_animate` is), so it can sit inside a caller's jax.jit / jax.grad:
+        differentiable in `variables`, `static` and every FLAME parameter.
         """
         from reta3d.binding import decode_head, pose_head
         cfg = self.config
