@@ -223,7 +223,9 @@ def make_frame_fn(config, generator, resolution: Optional[int] = None,
     each image dropped (beyond `capacity` slots per image; None = the rasterizer's default
     for the generator's Gaussian count). resolution / backend default to the config's
     `render` settings. The jitted function is memoised per (generator, render settings), so
-    repeated calls share one compilation cache.
+    repeated calls share one compilation cache. Its uint8 images carry no gradient: to
+    differentiate, call `generator.animate` and `rasterizer.render` inside your own jax.grad
+    (README, "Using RETA3D from Python").
     """
     resolution, backend, background, capacity = _render_settings(
         config, generator, resolution, backend, capacity)

@@ -738,16 +738,36 @@ def _maybe_initialize_distributed():
     address = os.environ.get("JAX_COORDINATOR_ADDRESS")
     if not jax.distributed.is_initialized() and (
             address or os.environ.get("SLURM_NTASKS", "1") != "1"):
-        count, rank = os.environ.get("JAX_NUM_PROCESSES"), os.environ.get("JAX_PROCESS_ID")
+        count, rank = _process_setting("JAX_NUM_PROCESSES"), _process_setting("JAX_PROCESS_ID")
+        if count is not None and count < 1:
+            raise errors.InputError(f"JAX_NUM_PROCESSES={count}: must be 1 or more")
+        if count is not None and rank is not None and not 0 <= rank < count:
+            raise errors.InputError(f"JAX_PROCESS_ID={rank} with JAX_NUM_PROCESSES={count}: the "
+                                    f"process ids are 0 … {count - 1}, one per process")
+        # JAX waits up to 5 minutes for every process, then aborts with a C++ stack trace:
+        # say what it is waiting for first.
+        print(f"Multi-host: process {'?' if rank is None else rank} of "
+              f"{'?' if count is None else count}, waiting up to 300 s for all of them at the "
+              f"coordinator {address or '(from the cluster)'} …", flush=True)
         jax.distributed.initialize(coordinator_address=address or None,
-                                   num_processes=int(count) if count else None,
-                                   process_id=int(rank) if rank else None)
+                                   num_processes=count, process_id=rank)
     if jax.process_count() > 1:
         # On CPU the first collective creates the gloo context, which waits only 30 s for
         # the other processes: make it now, while they are in step, not in the wait while
         # process 0 prepares the dataset (later collectives wait far longer).
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("jax.distributed initialized")
+
+
+def _process_setting(name: str):
+    """An integer environment variable of the multi-host setup, None when unset."""
+    value = os.environ.get(name)
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise errors.InputError(f"{name}={value!r}: not an integer") from None
 
 
 def _all_loader_states(state: Dict[str, str]) -> list:

@@ -4,6 +4,7 @@ Uses a tiny configuration (16² UV map over the template head, 32² renders) and
 batches, so every test shares the same compiled steps.
 """
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -290,3 +291,18 @@ def test_eta_follows_a_falling_rate_and_counts_the_final_swd():
     assert train.seconds_left(0, 8, 5.0, 8.0, 10.0) == pytest.approx(10)
     line = train._progress_line(50, 300, 0.4, 5.0, {"g_total": 1.0}, 3725.0)
     assert line.endswith("left 01:02:05") and "5.0 img/s" in line
+
+
+@pytest.mark.parametrize("count, rank, message", [
+    ("2", "2", "JAX_PROCESS_ID=2 with JAX_NUM_PROCESSES=2: the process ids are 0 … 1"),
+    ("two", "0", "JAX_NUM_PROCESSES='two': not an integer"),
+    ("0", "0", "JAX_NUM_PROCESSES=0: must be 1 or more"),
+])
+def test_inconsistent_multi_host_settings_are_one_line_errors(monkeypatch, count, rank, message):
+    """Checked before jax.distributed.initialize, which would wait 5 minutes, then abort."""
+    from reta3d import errors
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", count)
+    monkeypatch.setenv("JAX_PROCESS_ID", rank)
+    with pytest.raises(errors.InputError, match=re.escape(message)):
+        train._maybe_initialize_distributed()
