@@ -14,8 +14,9 @@ def write_via(path, write: Callable[[pathlib.Path], None]) -> pathlib.Path:
     """Calls `write(tmp)` for a hidden temporary file beside `path` (same folder, same suffix,
     so writers that pick a format from the suffix, such as ffmpeg, still do), then renames it
     over `path`. If `write` raises (or the process is interrupted), `path` keeps its old content
-    and the temporary is removed. Returns `path`."""
+    and the temporary is removed. A missing parent folder is created. Returns `path`."""
     path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
     try:
         write(tmp)

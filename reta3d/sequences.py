@@ -4,7 +4,8 @@
 | 'builtin:smile' (procedural, `builtin_sequence`) or the path of an `.npz` file
 (`load_flame_sequence`); either way every FLAME key comes back as a (T, k) float32 array with
 the head model's coefficient counts. `neutral_flame` is one frame at rest (optionally with
-some expression coefficients and a jaw opening).
+some expression coefficients and a jaw opening); `template_expression_index` names the embedded
+template head's expression components ('smile', 'blink', 'lips_part', …).
 
 FLAME sequence file (.npz) layout; every array numeric and finite; T = number of frames:
     expression   (T, E)  expression coefficients; E > the model's count is cut to the model's
@@ -207,8 +208,8 @@ def builtin_sequence(name: str, num_frames: int = DEFAULT_BUILTIN_FRAMES, num_ex
              eyes at each blink time (the only eyelid-adjacent motion FLAME's pose can make).
       nod    neck pitch nods (±0.25 rad at 1 Hz, eased in and out) — pose only, same for
              every model.
-      smile  'smile' (and 'squint', 'cheek_puff'·0.3) rises to 2 standard deviations, holds and
-             relaxes, with a slight jaw opening; without a named 'smile' component only the jaw
+      smile  'smile' rises to 2 standard deviations ('squint' to 0.6, 'cheek_puff' to 0.3),
+             holds and relaxes, with a slight jaw opening (0.05 rad); without a named 'smile' component only the jaw
              part remains (a warning is logged).
     """
     check_spec(BUILTIN_PREFIX + name)
@@ -313,7 +314,9 @@ def get_sequence(spec: str, model, num_frames: Optional[int] = None,
 
 def neutral_flame(model, expression: Sequence[float] = (), jaw: float = 0.0) -> Dict[str, np.ndarray]:
     """One frame (1, k) per FLAME key: zeros, with optional expression coefficients (leading
-    ones; more than the model holds is an error) and jaw opening angle (radians, about x)."""
+    ones; more than the model holds is an error; in standard deviations of the model's
+    expression basis) and jaw opening angle (radians, about x). The embedded template head
+    names its components (`template_expression_index(model)["smile"]`); FLAME's are PCA."""
     expression = np.asarray(expression, np.float32).reshape(-1)
     if expression.size > model.num_expression:
         raise ValueError(f"{expression.size} expression coefficients given but the head model "

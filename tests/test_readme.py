@@ -46,7 +46,7 @@ def test_the_python_example_runs(tmp_path, monkeypatch):
     namespace = {"CONFIG": tiny_config()}
     exec(compile(code, "README.md (Using RETA3D from Python)", "exec"), namespace)
     from PIL import Image
-    heads = np.asarray(Image.open(tmp_path / "heads.png"))
+    heads = np.asarray(Image.open(tmp_path / "out" / "heads.png"))
     res = namespace["res"]
     assert heads.shape == (res, 3 * res, 3)
     out = namespace["out"]

@@ -575,6 +575,9 @@ class StaticMaps:
     mouth (B, Rm, Rm, 14) float32  blended mouth map (G_m + blending ConvNet; without G_m,
                                    Tab. 1(c), the face map's mouth crop)
     ws    (B, num_ws, w_dim) float32
+
+    A frozen dataclass and a JAX pytree: identity i of a batch is
+    `jax.tree_util.tree_map(lambda x: x[i:i + 1], static)`.
     """
 
     face: jax.Array
