@@ -59,7 +59,9 @@ def get_config():
     c.render = ml_collections.ConfigDict()
     c.render.resolution = 512
     c.render.backend = "auto"  # "jax" | "cpu" | "triton" | "auto" (triton on GPU, cpu on CPU)
-    c.render.background = 1.0          # white background, as FFHQ crops are matted to nothing
+    # White: the heads have no background, so the data must not have one either (FFHQ crops
+    # matted onto white, as GGHead does with MODNet masks; README, "Datasets").
+    c.render.background = 1.0
     # Tile-intersection slots per image; None = the rasterizer's default. Training grows it
     # (and recompiles) when a step overflows, with a warning; see train.check_overflow.
     c.render.capacity = ml_collections.FieldReference(None, field_type=int)
