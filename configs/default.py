@@ -37,7 +37,7 @@ def get_config():
     c.model.mouth_resolution = 64      # F^mouth: 64x64x14
     c.model.channel_base = 32768
     c.model.channel_max = 512
-    c.model.mouth_channel_base = 16384
+    c.model.mouth_channel_base = 32768   # g_mouth64.txt: the official 64² listing (512 channels)
     c.model.mouth_channel_max = 512
     c.model.conv_clamp = 256
     c.model.gd_channels = 32
