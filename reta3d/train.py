@@ -78,7 +78,7 @@ def build_discriminator(config) -> stylegan2.Discriminator:
 
 
 def uses_vgg(config) -> bool:
-    """Whether training computes L_ID (Eq. 8), i.e. needs the VGG16 of config.loss.vgg16: only
+    """Whether training computes L_ID (Sec. 2.4), i.e. needs the VGG16 of config.loss.vgg16: only
     with G_d (the Tab. 1(c) rows without it have no L_ID) and lambda_id > 0."""
     return bool(config.model.get("dynamic_module", True)) and config.loss.lambda_id > 0
 
