@@ -1,4 +1,5 @@
 """Tests of reta3d.data: folder format, validation, TFDS builder, grain loader, flip."""
+import io
 import json
 import os
 import pathlib
@@ -206,6 +207,27 @@ BAD_CASES = {
     "grayscale image": (_save_image("images/00001.png", np.zeros((32, 32), np.uint8)),
                         "images/00001.png", "mode L, expected RGB"),
 }
+
+
+def test_a_matted_rgba_image_is_composited_over_white(dataset, tmp_path):
+    """RGBA images (a matte in alpha, as rembg or MODNet write) are accepted and composited over
+    white, in the folder reader and in the TFDS copy the loader reads."""
+    path = tmp_path / "faces"
+    shutil.copytree(dataset[0], path, ignore=shutil.ignore_patterns("tfds"))
+    rgb = dataset[1][1]
+    alpha = np.zeros((SIDE, SIDE), np.uint8)
+    alpha[:, SIDE // 2:] = 255                 # left half background, right half foreground
+    alpha[0, :] = 128
+    Image.fromarray(np.dstack([rgb, alpha])).save(path / "images/00001.png")
+    folder_format.validate_folder(path)
+    expected = rgb.astype(np.float64)
+    expected[:, :SIDE // 2] = 255.0
+    expected[0] = rgb[0] * (128 / 255) + 255.0 * (127 / 255)
+    for image in (folder_format.load_image(path / "images/00001.png"),
+                  np.asarray(Image.open(io.BytesIO(tfds_builder._encoded_png(
+                      path / "images/00001.png", SIDE))))):
+        assert image.shape == (SIDE, SIDE, 3)
+        assert np.abs(image - expected).max() <= 1.0
 
 
 @pytest.mark.parametrize("case", sorted(BAD_CASES))

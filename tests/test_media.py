@@ -47,9 +47,15 @@ def test_modes_are_converted_to_rgb(tmp_path):
     Image.fromarray(grey).save(tmp_path / "grey.png")
     np.testing.assert_array_equal(media.load_image(tmp_path / "grey.png"),
                                   np.repeat(grey[..., None], 3, -1))
-    rgba = np.concatenate([photo, np.full(photo.shape[:2] + (1,), 9, np.uint8)], -1)
-    Image.fromarray(rgba).save(tmp_path / "rgba.png")
-    np.testing.assert_array_equal(media.load_image(tmp_path / "rgba.png"), photo)
+    # A matted photo: composited over white, the background the generator renders on.
+    alpha = np.broadcast_to(np.linspace(0, 255, photo.shape[1]).round().astype(np.uint8),
+                            photo.shape[:2])
+    Image.fromarray(np.dstack([photo, alpha])).save(tmp_path / "rgba.png")
+    flat = media.load_image(tmp_path / "rgba.png").astype(np.float64)
+    a = alpha[..., None] / 255.0
+    assert np.abs(flat - (photo * a + 255.0 * (1 - a))).max() <= 1.0
+    np.testing.assert_array_equal(flat[:, 0], 255)                 # alpha 0: white
+    np.testing.assert_array_equal(flat[:, -1], photo[:, -1])      # alpha 255: the photo
     Image.fromarray(photo).quantize(16).save(tmp_path / "palette.png")
     assert media.load_image(tmp_path / "palette.png").shape == photo.shape
     deep = grey.astype(np.uint16) * 257                        # 16-bit greyscale PNG

@@ -6,6 +6,9 @@ Layout (every filename is relative to DATASET, with forward slashes)::
       images/…/*.png (or .jpg/.jpeg)  square RGB images, any resolution; they are resized
                                       to the config's resolution when the TFDS copy is built
                                       (and again by the loader if asked for another size).
+                                      RGBA (a matte in the alpha channel, as rembg or MODNet
+                                      write) is composited over white, the background the
+                                      generator renders on (`flatten_alpha`).
       dataset.json                    EG3D's camera labels:
           {"labels": [["images/00000.png", [25 floats]], …]}
           25 = the 4x4 cam2world matrix (row-major, OpenCV axes) then the 3x3 intrinsics
@@ -316,8 +319,9 @@ def _check_image(path: pathlib.Path) -> tuple[Optional[int], Optional[str]]:
             mode, (width, height) = image.mode, image.size
     except Exception as error:  # PIL raises many types for corrupt files.
         return None, f"cannot be decoded as an image ({type(error).__name__}: {error})"
-    if mode != "RGB":
-        return None, f"has mode {mode}, expected RGB (8-bit, 3 channels)"
+    if mode not in ("RGB", "RGBA"):
+        return None, (f"has mode {mode}, expected RGB (8-bit, 3 channels) or RGBA (8-bit, "
+                      "alpha = foreground matte)")
     if width != height:
         return None, f"is not square ({width}x{height})"
     return width, None
@@ -406,15 +410,28 @@ def read_folder(path, num_shape: int = NUM_SHAPE,
     return FolderContents(list(present), cameras, params)
 
 
+def flatten_alpha(image: "Image.Image", background: int = 255) -> "Image.Image":
+    """A PIL image with transparency (RGBA, LA, PA, or P/L/RGB with a transparency key) →
+    RGB composited over a solid grey level (255: white, the configs' render background);
+    any other image → RGB as Pillow converts it. A matte in the alpha channel thus becomes
+    the white background of FFHQ-style training images (GGHead's `apply_masks`)."""
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (background,) * 3 + (255,))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
 def load_image(path, resolution: Optional[int] = None) -> np.ndarray:
     """One image file as (H, W, 3) uint8, resized to (resolution, resolution) if given.
 
+    An image with an alpha channel is composited over white first (`flatten_alpha`).
     Resizing uses Lanczos filtering (antialiased when downsampling).
     """
     path = pathlib.Path(path)
     try:
         with Image.open(path) as image:
-            image = image.convert("RGB") if image.mode != "RGB" else image
+            image = flatten_alpha(image)
             if resolution is not None and image.size != (resolution, resolution):
                 image = image.resize((resolution, resolution), Image.Resampling.LANCZOS)
             return np.asarray(image, np.uint8).copy()

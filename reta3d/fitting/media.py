@@ -48,9 +48,11 @@ def _to_rgb(image) -> np.ndarray:
             grey = np.clip(values, 0, 65535) / 257.0
         grey = np.round(grey).astype(np.uint8)
         return np.repeat(grey[..., None], 3, axis=-1)
-    # RGBA / LA / PA: alpha dropped (colour under transparent pixels kept as stored);
-    # P, L, 1, CMYK, YCbCr: converted by Pillow.
-    return np.asarray(image.convert("RGB"))
+    # RGBA / LA / PA (or a transparency key): composited over white, the background the
+    # generator renders on, so a matted photo keeps its matte; P, L, 1, CMYK, YCbCr: converted
+    # by Pillow.
+    from reta3d.data.folder import flatten_alpha
+    return np.asarray(flatten_alpha(image))
 
 
 def load_image(path) -> np.ndarray:
@@ -58,7 +60,8 @@ def load_image(path) -> np.ndarray:
 
     EXIF orientation is applied (ImageOps.exif_transpose), as phone cameras store pixels
     unrotated and the orientation in a tag; a malformed EXIF block only warns. Greyscale,
-    palette, RGBA (alpha dropped), CMYK and 16-bit images are converted (16-bit: value / 257).
+    palette, CMYK and 16-bit images are converted (16-bit: value / 257); an image with alpha
+    (e.g. a matted photo) is composited over white.
     Multi-frame files (GIF, animated WebP) give their first frame.
     Raises FileNotFoundError for a missing path, ValueError naming the file for a directory, an
     empty, truncated, corrupt or non-image file, or one over Pillow's decompression-bomb limit.
