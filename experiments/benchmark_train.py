@@ -7,8 +7,9 @@ One iteration = G step + D step + (1/r1_interval of) the R1 step, on random in-m
 shaped like the dataset's, after warm-up; median over repeats, with block_until_ready. Prints
 one JSON object per config. As in training, a warm-up whose renders drop tile intersections
 grows the rasterizer's capacity (and recompiles) before timing: `render_capacity_start` ->
-`render_capacity`; `render_dropped_fraction` / `render_overflow_max` are the timed G steps'
-worst (0 when the timed step rendered everything).
+`render_capacity`, at most `render_capacity_limit` (train.BENCHMARK_CAPACITY_GROWTH times the
+start); `render_dropped_fraction` / `render_overflow_max` are the timed G steps' worst (0 when
+the timed step rendered everything).
 """
 import importlib
 import json
@@ -55,8 +56,9 @@ def measure(name, repeats=5, warmup=2, batch_size=None, backend=None):
     # Times the step training would run: a warm-up whose renders drop tile intersections
     # grows the capacity first, as train_and_evaluate does.
     capacity_start = train.render_capacity(config, generator.num_gaussians)
+    limit = train.BENCHMARK_CAPACITY_GROWTH * capacity_start
     steps, state, _ = train.warm_up_steps(config, generator, discriminator, vgg_features, state,
-                                          batch, warmup)
+                                          batch, warmup, capacity_limit=limit)
     warm = time.time() - t0
     times, overflow = {}, []
     for phase, args in train.phase_args(batch, num_devices).items():
@@ -81,6 +83,7 @@ def measure(name, repeats=5, warmup=2, batch_size=None, backend=None):
         "images_per_s_per_device": round(config.train.batch_size / iteration / num_devices, 2),
         "render_capacity": train.render_capacity(config, generator.num_gaussians),
         "render_capacity_start": capacity_start,
+        "render_capacity_limit": limit,
         "render_overflow_max": max(o["render_overflow_max"] for o in overflow),
         "render_dropped_fraction": max(o["render_dropped_fraction"] for o in overflow),
         "warmup_s": round(warm, 1), "repeats": repeats,

@@ -1121,6 +1121,8 @@ def _train(ctx: Context, dtype: str) -> None:
             attempt["setup_s"] = time.perf_counter() - start
             attempt["render_capacity_start"] = train.render_capacity(config,
                                                                      generator.num_gaussians)
+            attempt["render_capacity_limit"] = (train.BENCHMARK_CAPACITY_GROWTH
+                                                * attempt["render_capacity_start"])
             last = {}
 
             def timed(phase):
@@ -1155,7 +1157,8 @@ def _train(ctx: Context, dtype: str) -> None:
                     for phase in phases:
                         timed(phase)
                 warm_overflow = train.step_overflow(last["g_step"])
-                grown = train.capacity_after(config, generator.num_gaussians, warm_overflow)
+                grown = train.capacity_after(config, generator.num_gaussians, warm_overflow,
+                                             attempt["render_capacity_limit"])
                 if grown is None:
                     break
                 attempt.setdefault("warm_up_overflow", []).append(
@@ -1206,6 +1209,13 @@ def _train(ctx: Context, dtype: str) -> None:
                       "render_capacity": attempt["render_capacity"],
                       "render_dropped_fraction": attempt["render_dropped_fraction"],
                       "bytes_limit": attempt["memory"]["bytes_limit"]})
+            if attempt["render_overflow_max"] > 0:
+                r["note"] = (f"the timed G steps dropped up to "
+                             f"{100 * attempt['render_dropped_fraction']:.1f}% of an image's tile "
+                             f"intersections at capacity {attempt['render_capacity']} (the "
+                             "benchmarks grow it at most BENCHMARK_CAPACITY_GROWTH times; "
+                             "training itself would grow it further): random-init Gaussians "
+                             "are far larger than a trained head's")
             rec.save()
             progress(f"train {dtype}: batch {global_batch}: {attempt['images_per_s']:.2f} "
                      f"img/s, peak {attempt['memory']['peak_bytes_in_use']} bytes")

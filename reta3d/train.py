@@ -577,12 +577,21 @@ def phase_args(batch, num_devices: int, ema_decay: float = 0.999) -> Dict[str, t
     return {"g_step": (batch, decay), "d_step": (batch,), "d_reg_step": (batch,)}
 
 
-def warm_up_steps(config, generator, discriminator, vgg_features, state, batch, warmup: int):
+# Benchmarks grow the capacity to at most this many times where it started: at random init the
+# paper config's worst training image overflows so far that training itself grows it to
+# N·tiles (64.5M at 512², from 0.5M), which a trained head does not need (README, "Rasterizer
+# overflow during training").
+BENCHMARK_CAPACITY_GROWTH = 16
+
+
+def warm_up_steps(config, generator, discriminator, vgg_features, state, batch, warmup: int,
+                  capacity_limit: Optional[int] = None):
     """make_steps, then `warmup` (>= 1) calls of each phase on `batch`, for benchmarks. When
     the G step's renders drop tile intersections (a random-init generator at 512² does), the
-    capacity grows as in train_and_evaluate (config.render.capacity is set) and the steps are
-    made and warmed up again, so that what a benchmark then times is the step training runs.
-    `state` replicated. Returns (steps, state, the last G step's step_overflow)."""
+    capacity grows as in train_and_evaluate, up to `capacity_limit` (config.render.capacity is
+    set), and the steps are made and warmed up again, so that what a benchmark then times is
+    the step training runs. `state` replicated. Returns (steps, state, the last G step's
+    step_overflow)."""
     args = phase_args(batch, state.step.shape[0])
     while True:
         steps = make_steps(config, generator, discriminator, vgg_features)
@@ -592,7 +601,7 @@ def warm_up_steps(config, generator, discriminator, vgg_features, state, batch, 
                 jax.block_until_ready(metrics)
                 if phase == "g_step":
                     overflow = step_overflow(metrics)
-        grown = capacity_after(config, generator.num_gaussians, overflow)
+        grown = capacity_after(config, generator.num_gaussians, overflow, capacity_limit)
         if grown is None:
             return steps, state, overflow
         logging.info("benchmark warm-up: rasterizer capacity %d -> %d", render_capacity(
@@ -937,15 +946,18 @@ def step_overflow(metrics) -> Dict[str, Any]:
                 metrics["render_dropped_fraction"])[0])}
 
 
-def capacity_after(config, num_gaussians: int, overflow: Dict[str, Any]) -> Optional[int]:
+def capacity_after(config, num_gaussians: int, overflow: Dict[str, Any],
+                   limit: Optional[int] = None) -> Optional[int]:
     """The capacity training would grow to after a g_step with `overflow` (step_overflow) at
-    the current capacity (grown_capacity), or None when nothing was dropped or the capacity is
-    already the most it can be. For benchmarks, which must time the step training would run."""
+    the current capacity (grown_capacity), at most `limit`; None when nothing was dropped or
+    the capacity cannot grow further. For benchmarks, which time the step training runs."""
     if overflow["render_overflow_max"] <= 0:
         return None
     current = render_capacity(config, num_gaussians)
     new = grown_capacity(current, overflow["render_overflow_max"], num_gaussians,
                          config.render.resolution)
+    if limit is not None:
+        new = min(new, int(limit))
     return new if new > current else None
 
 

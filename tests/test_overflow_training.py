@@ -52,6 +52,8 @@ def test_step_overflow_and_the_capacity_training_would_grow_to():
     assert overflow == {"render_overflow_max": 100, "render_dropped_fraction": pytest.approx(0.05)}
     assert train.capacity_after(config, 10_000, overflow) == 2048
     assert train.capacity_after(config, 10_000, dict(overflow, render_overflow_max=0)) is None
+    assert train.capacity_after(config, 10_000, overflow, limit=1500) == 1500
+    assert train.capacity_after(config, 10_000, overflow, limit=1024) is None   # at the limit
     config.render.capacity = 64 * 16        # every Gaussian in every tile: nothing to grow
     assert train.capacity_after(config, 64, overflow) is None
 
