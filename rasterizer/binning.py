@@ -51,11 +51,15 @@ class Bins(NamedTuple):
     tile_ranges  (B, T, 2) int32  [start, end) into gaussian_ids of row-major tile t,
                                   T = ceil(H / 16) * ceil(W / 16)
     overflow     (B,)      int32  intersections that did not fit in K (dropped)
+    intersections (B,)     int32  all (Gaussian, tile) slots of the 3-sigma rectangles, what K
+                                  must hold for nothing to drop (= K + overflow when it
+                                  overflows; saturates at 2^31 - 1)
     """
 
     gaussian_ids: jax.Array
     tile_ranges: jax.Array
     overflow: jax.Array
+    intersections: jax.Array
 
 
 def tile_grid(width: int, height: int) -> tuple[int, int]:
@@ -250,7 +254,7 @@ def _bin_one(means2d, radii, rank, order, conics, opacities, width, height, capa
     starts = jnp.minimum(starts, num_used)
     ends = jnp.concatenate([starts[1:], num_used[None]])
     overflow = jnp.maximum(total - capacity, 0)
-    return gaussian_ids, jnp.stack([starts, ends], -1), overflow
+    return gaussian_ids, jnp.stack([starts, ends], -1), overflow, total
 
 
 def bin_gaussians(means2d: jax.Array, depths: jax.Array, radii: jax.Array, width: int,
@@ -288,12 +292,12 @@ def bin_gaussians(means2d: jax.Array, depths: jax.Array, radii: jax.Array, width
         conics, opacities = lax.stop_gradient(conics), lax.stop_gradient(opacities)
     means2d, depths = lax.stop_gradient(means2d), lax.stop_gradient(depths)
     rank, order = depth_ranks(depths, radii > 0)
-    ids, ranges, overflow = jax.vmap(
+    ids, ranges, overflow, total = jax.vmap(
         lambda m, r, rk, o, cn, op: _bin_one(m, r, rk, o, cn, op, width, height, int(capacity),
                                              packed_keys),
         in_axes=(0, 0, 0, 0, None if conics is None else 0, None if conics is None else 0))(
         means2d, radii, rank, order, conics, opacities)
-    return Bins(gaussian_ids=ids, tile_ranges=ranges, overflow=overflow)
+    return Bins(gaussian_ids=ids, tile_ranges=ranges, overflow=overflow, intersections=total)
 
 
 def default_capacity(num_gaussians: int, width: int, height: int) -> int:

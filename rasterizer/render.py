@@ -26,12 +26,14 @@ BACKENDS = ("auto", "jax", "cpu", "triton")
 class RenderOutput(NamedTuple):
     """color (..., H, W, C), alpha (..., H, W) = 1 - final transmittance,
     depth (..., H, W) = sum z alpha T (not normalised), overflow (...) int32: tile
-    intersections that did not fit in the capacity (dropped)."""
+    intersections that did not fit in the capacity (dropped), intersections (...) int32: the
+    capacity this image needed for nothing to drop (`binning.Bins.intersections`)."""
 
     color: jax.Array
     alpha: jax.Array
     depth: jax.Array
     overflow: jax.Array
+    intersections: jax.Array
 
 
 def _compositor(backend: str):
@@ -180,7 +182,7 @@ def _render_batched(gaussians: Gaussians, camera: Camera, background: jax.Array,
     color, alpha, depth = _compositor(backend)(
         proj.means2d, proj.conics, opacities, colors, proj.depths, background,
         bins.gaussian_ids, bins.tile_ranges, camera.width, camera.height)
-    return RenderOutput(color, alpha, depth, bins.overflow)
+    return RenderOutput(color, alpha, depth, bins.overflow, bins.intersections)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 5, 6))
@@ -221,7 +223,8 @@ def _render_pair_batched(gaussians: Gaussians, gaussians_b: Gaussians, camera: C
         outputs, outputs_b = _composite_pair_generic(
             _compositor(backend), inputs, inputs_b, bins.gaussian_ids, bins.tile_ranges,
             camera.width, camera.height)
-    return (RenderOutput(*outputs, bins.overflow), RenderOutput(*outputs_b, bins.overflow))
+    return (RenderOutput(*outputs, bins.overflow, bins.intersections),
+            RenderOutput(*outputs_b, bins.overflow, bins.intersections))
 
 
 def _raise_on_overflow(overflow, capacity):
@@ -332,7 +335,8 @@ def render(gaussians: Gaussians, camera: Camera, background: Optional[jax.Array]
       `jax.debug.callback` that raises at run time when traced under an outer jit.
 
     Returns `RenderOutput` with color (..., H, W, C), alpha (..., H, W), depth (..., H, W),
-    overflow (...) int32; `...` is () when neither input had a batch dimension.
+    overflow (...) int32, intersections (...) int32 (the capacity that would have dropped
+    nothing); `...` is () when neither input had a batch dimension.
     Jit-able, vmap-able; differentiable in reverse mode (jax.grad, jax.vjp) w.r.t. every
     Gaussian field, the background and the camera. Not in forward mode: the compositing of
     every backend is a jax.custom_vjp, so jax.jvp, jax.jacfwd and jax.hessian end in JAX's
@@ -348,7 +352,7 @@ def render(gaussians: Gaussians, camera: Camera, background: Optional[jax.Array]
         out = RenderOutput(
             jnp.broadcast_to(background_b[:, None, None, :], (batch, height, width, channels)),
             jnp.zeros((batch, height, width), dtype), jnp.zeros((batch, height, width), dtype),
-            jnp.zeros((batch,), jnp.int32))
+            jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), jnp.int32))
     else:
         capacity = _capacity(capacity, num, camera)
         out = _render_batched(gaussians_bn, camera_b, background_b, backend=backend,

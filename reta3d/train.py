@@ -247,18 +247,19 @@ def _render_kwargs(config, gaussians, cameras25):
 
 def render_images(config, gaussians, cameras25):
     """Gaussians (B,N,·) seen by EG3D cameras (B,25) → (images (B,R,R,3) in [-1,1],
-    overflow (B,) int32: tile intersections dropped for lack of capacity)."""
+    needed (B,) int32: the tile intersections each image has, i.e. the capacity it needs;
+    those beyond the capacity were dropped, `rasterizer.RenderOutput.intersections`)."""
     out = rasterizer.render(gaussians, **_render_kwargs(config, gaussians, cameras25))
-    return out.color * 2.0 - 1.0, out.overflow
+    return out.color * 2.0 - 1.0, out.intersections
 
 
 def render_images_pair(config, gaussians, gaussians_b, cameras25):
     """`render_images` through `rasterizer.render_pair`: one render of `gaussians`, returned
-    as (images, images_b, overflow) with images_b's gradient going to `gaussians_b` (same
+    as (images, images_b, needed) with images_b's gradient going to `gaussians_b` (same
     values, another gradient path)."""
     out, out_b = rasterizer.render_pair(gaussians, gaussians_b,
                                         **_render_kwargs(config, gaussians, cameras25))
-    return out.color * 2.0 - 1.0, out_b.color * 2.0 - 1.0, out.overflow
+    return out.color * 2.0 - 1.0, out_b.color * 2.0 - 1.0, out.intersections
 
 
 def dropped_fraction(overflow, capacity: int):
@@ -312,7 +313,7 @@ def synthesize_static(config, generator, g_vars, z, cameras, rng, *, train: bool
 
 def render_static_images(config, generator, g_vars, static, flame, cameras):
     """I_s: the static maps decoded without G_d and rendered → (images (B,R,R,3) in [-1,1],
-    overflow (B,) int32). `flame` already fitted to the head model (`fit_flame`)."""
+    needed (B,) int32). `flame` already fitted to the head model (`fit_flame`)."""
     gaussians, _ = generator.animate(g_vars, static, flame, use_dynamic=False)
     return render_images(config, gaussians, cameras)
 
@@ -321,7 +322,8 @@ def generate_images(config, generator, g_vars, z, cameras, flame, rng, *, train:
                     static_images: bool = False, style_mixing_prob: float = 0.0,
                     noise_mode: str = "random", cond_cameras=None):
     """z (B,z_dim), cameras (B,25), FLAME dict → dict(images, [static_images], aux,
-    mapping_state, overflow (B,) int32 dropped tile intersections, the larger of the two renders).
+    mapping_state, needed (B,) int32 tile intersections (`render_images`), the larger of the two
+    renders).
 
     `cameras` are the rendering cameras; the mapping network is conditioned on `cond_cameras`
     (default: the same), as EG3D's generator pose conditioning.
@@ -336,12 +338,12 @@ def generate_images(config, generator, g_vars, z, cameras, flame, rng, *, train:
         style_mixing_prob=style_mixing_prob, noise_mode=noise_mode, cond_cameras=cond_cameras)
     gaussians, aux = animate_fakes(generator, g_vars, static, flame, rng, train=train,
                                    noise_mode=noise_mode)
-    images, overflow = render_images(config, gaussians, cameras)
-    out = {"images": images, "aux": aux, "mapping_state": mapping_state, "overflow": overflow}
+    images, needed = render_images(config, gaussians, cameras)
+    out = {"images": images, "aux": aux, "mapping_state": mapping_state, "needed": needed}
     if static_images:
-        out["static_images"], overflow_s = render_static_images(config, generator, g_vars, static,
+        out["static_images"], needed_s = render_static_images(config, generator, g_vars, static,
                                                                 flame, cameras)
-        out["overflow"] = jnp.maximum(overflow, overflow_s)
+        out["needed"] = jnp.maximum(needed, needed_s)
     return out
 
 
@@ -366,7 +368,7 @@ def generator_gradients(config, generator, weights, d_logits_fn, vgg_features, g
 
     z (B, z_dim), cameras (B, 25), flame: dict of (B, k). weights: losses.LossWeights.
     d_logits_fn(images, cameras) → (B, 1) logits. vgg_features: needed when weights.identity > 0.
-    Returns (total scalar, terms dict of scalars, mapping_state, overflow (B,) int32, grads).
+    Returns (total scalar, terms dict of scalars, mapping_state, needed (B,) int32, grads).
     """
     g_params = g_vars["params"]
     use_id = weights.identity > 0
@@ -394,25 +396,25 @@ def generator_gradients(config, generator, weights, d_logits_fn, vgg_features, g
         variables = dict(g_vars, params=dict(g_params, dynamic=dynamic_params))
         gaussians, aux = generator.animate(variables, static, flame, use_dynamic=True)
         if not use_id:
-            images, overflow = render_images(config, gaussians, cameras)
-            return (images, aux["offset_raw"], aux["scales"]), overflow
+            images, needed = render_images(config, gaussians, cameras)
+            return (images, aux["offset_raw"], aux["scales"]), needed
         # L_ID's handle on the same Gaussians: F's gradient stopped, so its cotangent reaches
         # θ_d only. The forward is the same computation (XLA merges it); render_pair renders
         # once and pulls both cotangents back in one sweep.
         gaussians_id, _ = generator.animate(variables, jax.lax.stop_gradient(static), flame,
                                             use_dynamic=True)
-        images, images_id, overflow = render_images_pair(config, gaussians, gaussians_id,
+        images, images_id, needed = render_images_pair(config, gaussians, gaussians_id,
                                                          cameras)
-        return (images, aux["offset_raw"], aux["scales"], images_id), overflow
+        return (images, aux["offset_raw"], aux["scales"], images_id), needed
 
     static, static_pullback, mapping_state = jax.vjp(static_part, g_params, has_aux=True)
-    outputs, dynamic_pullback, overflow = jax.vjp(dynamic_part, g_params["dynamic"], static,
+    outputs, dynamic_pullback, needed = jax.vjp(dynamic_part, g_params["dynamic"], static,
                                                   has_aux=True)
     (_, terms), cotangent = jax.value_and_grad(render_terms, has_aux=True)(outputs[:3])
     if use_id:
-        static_images, overflow_s = render_static_images(
+        static_images, needed_s = render_static_images(
             config, generator, g_vars, jax.lax.stop_gradient(static), flame, cameras)
-        overflow = jnp.maximum(overflow, overflow_s)
+        needed = jnp.maximum(needed, needed_s)
         identity, id_cotangent = jax.value_and_grad(
             lambda images: losses.identity_loss(vgg_features, images, static_images))(outputs[3])
         cotangent = cotangent + (weights.identity * id_cotangent,)
@@ -424,7 +426,7 @@ def generator_gradients(config, generator, weights, d_logits_fn, vgg_features, g
         lambda a, b, c: a + b + weights.dynamic_weights * c,
         grads["dynamic"], grad_dynamic, grad_l2))
     total = losses.generator_total(terms, weights)
-    return total, terms, mapping_state, overflow, grads
+    return total, terms, mapping_state, needed, grads
 
 
 def _gradients_without_gd(config, generator, render_terms, g_vars, z, cameras, flame, rng,
@@ -440,11 +442,11 @@ def _gradients_without_gd(config, generator, render_terms, g_vars, z, cameras, f
                               noise_mode=noise_mode, cond_cameras=cond_cameras)
         aux = out["aux"]
         total, terms = render_terms((out["images"], aux["offset_raw"], aux["scales"]))
-        return total, (terms, out["mapping_state"], out["overflow"])
+        return total, (terms, out["mapping_state"], out["needed"])
 
-    (total, (terms, mapping_state, overflow)), grads = jax.value_and_grad(loss, has_aux=True)(
+    (total, (terms, mapping_state, needed)), grads = jax.value_and_grad(loss, has_aux=True)(
         g_vars["params"])
-    return total, terms, mapping_state, overflow, grads
+    return total, terms, mapping_state, needed, grads
 
 
 # ------------------------------------------------------------------------------------------
@@ -484,7 +486,7 @@ def make_steps(config, generator, discriminator, vgg_features=None, devices=None
         z = global_latents(z_key, cameras.shape[0], z_dim)
         cond = swap_conditioning(jax.random.fold_in(gen_key, 7), cameras, gpc_prob)
 
-        total, terms, mapping_state, overflow, grads = generator_gradients(
+        total, terms, mapping_state, needed, grads = generator_gradients(
             config, generator, weights, functools.partial(d_logits, state.d_vars["params"]),
             vgg_features, state.g_vars, z, cameras, flame, gen_key, style_mixing_prob=mixing,
             noise_mode=noise_mode, cond_cameras=cond)
@@ -498,10 +500,13 @@ def make_steps(config, generator, discriminator, vgg_features=None, devices=None
             lambda e, p: p + (e - p) * ema_decay, state.g_ema["params"], g_params))
         metrics = {f"g_{k}": v for k, v in terms.items()}
         metrics["g_total"] = total
+        overflow = jnp.maximum(needed - capacity, 0)
         metrics["render_dropped_fraction"] = jnp.mean(dropped_fraction(overflow, capacity))
         metrics = jax.lax.pmean(metrics, "batch")
-        # The largest overflow of any image on any device: what the capacity must grow by.
+        # The largest overflow of any image on any device: what the capacity must grow by;
+        # the most intersections of any image: what it may shrink to (train_and_evaluate).
         metrics["render_overflow_max"] = jax.lax.pmax(jnp.max(overflow), "batch")
+        metrics["render_intersections_max"] = jax.lax.pmax(jnp.max(needed), "batch")
         return state.replace(g_vars=g_vars, g_ema=g_ema, g_opt=g_opt), metrics
 
     def d_step(state: TrainState, batch):
@@ -578,9 +583,9 @@ def phase_args(batch, num_devices: int, ema_decay: float = 0.999) -> Dict[str, t
 
 
 # Benchmarks grow the capacity to at most this many times where it started: at random init the
-# paper config's worst training image overflows so far that training itself grows it to
-# N·tiles (64.5M at 512², from 0.5M), which a trained head does not need (README, "Rasterizer
-# overflow during training").
+# paper config's worst training image overflows so far that training grows it to N·tiles
+# (64.5M at 512², from 0.5M) for its first steps, then shrinks it (SHRINK_WINDOW_STEPS); a
+# benchmark's few steps would time only that start (README, "A grown capacity shrinks again").
 BENCHMARK_CAPACITY_GROWTH = 16
 
 
@@ -925,10 +930,32 @@ def grown_capacity(capacity: int, overflow: int, num_gaussians: int, resolution:
     a power of two at least 1.25× what the worst image needed (so that a slowly growing
     generator recompiles a few times, not every step), at most N·tiles (every Gaussian in
     every tile)."""
+    return capacity_bucket(capacity + overflow, num_gaussians, resolution)
+
+
+def capacity_bucket(intersections: int, num_gaussians: int, resolution: int) -> int:
+    """The power of two at least 1.25·intersections, at most N·tiles (`grown_capacity`)."""
     from rasterizer.binning import tile_grid
     tiles_x, tiles_y = tile_grid(resolution, resolution)
-    needed = int(math.ceil(1.25 * (capacity + overflow)))
+    needed = max(1, int(math.ceil(1.25 * intersections)))
     return int(min(1 << (needed - 1).bit_length(), num_gaussians * tiles_x * tiles_y))
+
+
+# Training shrinks a grown capacity when, over this many steps, no image needed more than a
+# quarter of it (a random-init generator's first steps can need N·tiles; a trained head far
+# fewer, and the sort and compositing cost grows with the capacity).
+SHRINK_WINDOW_STEPS = 200
+
+
+def shrunk_capacity(current: int, needed: int, floor: int, num_gaussians: int,
+                    resolution: int) -> Optional[int]:
+    """The capacity to shrink to when the most intersections any image had over the last
+    SHRINK_WINDOW_STEPS steps was `needed`: the growth rule's bucket for it (a power of two
+    at least 1.25·needed, `grown_capacity`), never below `floor` (the run's starting capacity:
+    the config's or the rasterizer's default), and only when that is at most a quarter of
+    `current` (so that growing and shrinking cannot alternate); else None."""
+    target = max(int(floor), capacity_bucket(needed, num_gaussians, resolution))
+    return target if 4 * target <= current else None
 
 
 def set_render_capacity(config, capacity: int) -> None:
@@ -1080,22 +1107,52 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         print(json.dumps(result), flush=True)
         return result
 
-    if meta.get("render_capacity", 0) > render_capacity(config, generator.num_gaussians):
+    floor = render_capacity(config, generator.num_gaussians)   # what shrinking returns to
+    if meta.get("render_capacity", 0) > floor:
         set_render_capacity(config, meta["render_capacity"])  # grown by an earlier run
         sample_fn = make_sample_fn(config, generator)
     steps = make_steps(config, generator, discriminator, vgg_features)
     state = replicate(state)
     warned = {"overflow": False}
+    window = {"start": start_step, "needed": 0}   # the most intersections since a change
+
+    def change_capacity(new, at_step):
+        nonlocal steps, sample_fn
+        set_render_capacity(config, new)
+        meta["render_capacity"] = new
+        steps = make_steps(config, generator, discriminator, vgg_features)
+        sample_fn = make_sample_fn(config, generator)
+        window.update(start=at_step, needed=0)
+
+    def check_shrink(metrics, at_step):
+        """Shrinks a grown capacity once SHRINK_WINDOW_STEPS steps all needed far less."""
+        if at_step - window["start"] < SHRINK_WINDOW_STEPS:
+            return
+        current = render_capacity(config, generator.num_gaussians)
+        new = shrunk_capacity(current, window["needed"], floor, generator.num_gaussians,
+                              config.render.resolution)
+        if new is None:
+            window.update(start=at_step, needed=0)
+            return
+        print(f"rasterizer capacity {current} -> {new} at step {at_step}: no image needed more "
+              f"than {window['needed']} intersections in the last {at_step - window['start']} "
+              "steps; recompiling", flush=True)
+        log_metrics({"step": at_step, "render_capacity": new,
+                     "render_intersections_max": window["needed"]})
+        change_capacity(new, at_step)
 
     def check_overflow(metrics, at_step, used):
         """Rasterizer overflow of the step that returned `metrics`, rendered with capacity
         `used`: logged, warned about once, and the capacity grown (steps recompiled) so that
         it does not happen again. The check runs one step late, so the step after an
         overflow was already dispatched with the old capacity: its overflow is logged, and
-        recompiles only if the capacity grown meanwhile would not have held it."""
-        nonlocal steps, sample_fn
+        recompiles only if the capacity grown meanwhile would not have held it. Steps without
+        overflow may shrink a grown capacity instead (`check_shrink`)."""
+        window["needed"] = max(window["needed"],
+                               int(jax.device_get(metrics["render_intersections_max"])[0]))
         worst = int(jax.device_get(metrics["render_overflow_max"])[0])
         if worst <= 0:
+            check_shrink(metrics, at_step)
             return
         fraction = float(jax.device_get(metrics["render_dropped_fraction"])[0])
         current = render_capacity(config, generator.num_gaussians)
@@ -1118,10 +1175,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                      "render_overflow_max": worst, "render_capacity": new})
         if new <= current:
             return
-        set_render_capacity(config, new)
-        meta["render_capacity"] = new
-        steps = make_steps(config, generator, discriminator, vgg_features)
-        sample_fn = make_sample_fn(config, generator)
+        change_capacity(new, at_step)
 
     def save(step):
         host_state = jax.device_get(unreplicate(state))

@@ -79,3 +79,37 @@ def test_benchmark_warm_up_grows_the_capacity_before_timing():
     assert config.render.capacity > 64 and overflow["render_overflow_max"] == 0
     _, metrics = steps["g_step"](state, *train.phase_args(batch, n)["g_step"])
     assert train.step_overflow(metrics)["render_overflow_max"] == 0
+
+
+def test_shrunk_capacity_keeps_a_margin_and_the_floor():
+    # needed 300 -> bucket 512 (>= 1.25 * 300); shrinks only to a quarter or less.
+    assert train.shrunk_capacity(4096, 300, 64, 10_000, 64) == 512
+    assert train.shrunk_capacity(2048, 300, 64, 10_000, 64) == 512      # 4 * 512 <= 2048
+    assert train.shrunk_capacity(1024, 300, 64, 10_000, 64) is None
+    assert train.shrunk_capacity(1 << 20, 300, 4096, 10_000, 64) == 4096  # never below the floor
+    assert train.capacity_bucket(300, 10_000, 64) == 512 == train.grown_capacity(100, 200, 10_000, 64)
+
+
+@pytest.mark.slow
+def test_a_grown_capacity_shrinks_when_the_renders_need_far_less(tmp_path, capsys, monkeypatch):
+    """A capacity grown far past what the renders need (the paper config's random-init first
+    steps grow it to N·tiles, 128 times the default; here the growth is made 8 times N·tiles)
+    comes back down once a window of steps needed far less, and nothing is dropped after it."""
+    config = micro_config(tmp_path)
+    config.render.capacity = 64
+    config.train.total_kimg = 0.016    # 4 steps of 4
+    monkeypatch.setattr(train, "SHRINK_WINDOW_STEPS", 1)
+    monkeypatch.setattr(train, "grown_capacity", lambda c, o, n, r: 8 * n * 4)  # 4 tiles at 32²
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(config, str(workdir))
+    out = capsys.readouterr().out
+    grown = [line for line in out.splitlines() if "capacity 64 ->" in line]
+    shrunk = [line for line in out.splitlines() if line.startswith("rasterizer capacity ")]
+    assert grown and shrunk, out
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    capacities = [r["render_capacity"] for r in records if "render_capacity" in r]
+    assert capacities[0] > capacities[-1] >= 64, capacities
+    needed = max(r["render_intersections_max"] for r in records if "render_intersections_max" in r)
+    assert capacities[-1] >= needed     # what it shrank to holds every image seen
+    last = [r for r in records if r.get("step") == 4 and "g_total" in r][0]
+    assert last["render_overflow_max"] == 0

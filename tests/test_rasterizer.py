@@ -514,6 +514,10 @@ def test_overflow_counted_and_strict_raises():
     gaussians, camera = random_scene(0, 2, NUM, 3), camera_for(2)
     out = render(gaussians, camera, backend="jax", capacity=capacity)
     assert out.overflow.tolist() == [t - capacity for t in total]
+    # The capacity each image needed: the naive count, with and without overflow.
+    assert out.intersections.tolist() == total
+    roomy = render(gaussians, camera, backend="jax", capacity=max(total) + 1)
+    assert roomy.intersections.tolist() == total and roomy.overflow.tolist() == [0, 0]
     assert np.all(np.isfinite(out.color))
     with pytest.raises(RuntimeError, match="did not fit in capacity 300"):
         render(gaussians, camera, backend="jax", capacity=capacity, strict=True)
