@@ -222,8 +222,7 @@ def print_json(result: Mapping[str, Any], out=None) -> str:
     if out:
         path = pathlib.Path(out)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_files.write_text(path, text)
+            atomic_files.write_text(path, text)    # creates the folder
         except OSError as e:
             raise errors.InputError(f"cannot write {path} ({e}); the JSON above is the "
                                     "result") from e

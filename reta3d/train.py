@@ -965,12 +965,16 @@ def set_render_capacity(config, capacity: int) -> None:
 
 
 def step_overflow(metrics) -> Dict[str, Any]:
-    """The rasterizer overflow of a g_step's (replicated) metrics, on the host:
+    """The rasterizer counts of a g_step's (replicated) metrics, on the host, in one transfer:
     {"render_overflow_max": the worst image's dropped intersections (int),
-     "render_dropped_fraction": their mean fraction over the batch (float)}."""
-    return {"render_overflow_max": int(jax.device_get(metrics["render_overflow_max"])[0]),
-            "render_dropped_fraction": float(jax.device_get(
-                metrics["render_dropped_fraction"])[0])}
+     "render_dropped_fraction": their mean fraction over the batch (float),
+     "render_intersections_max": the most intersections of any image (int)}."""
+    keys = ("render_overflow_max", "render_dropped_fraction", "render_intersections_max")
+    values = {key: value[0] for key, value in
+              jax.device_get({key: metrics[key] for key in keys}).items()}
+    return {"render_overflow_max": int(values["render_overflow_max"]),
+            "render_dropped_fraction": float(values["render_dropped_fraction"]),
+            "render_intersections_max": int(values["render_intersections_max"])}
 
 
 def capacity_after(config, num_gaussians: int, overflow: Dict[str, Any],
@@ -1124,7 +1128,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         sample_fn = make_sample_fn(config, generator)
         window.update(start=at_step, needed=0)
 
-    def check_shrink(metrics, at_step):
+    def check_shrink(at_step):
         """Shrinks a grown capacity once SHRINK_WINDOW_STEPS steps all needed far less."""
         if at_step - window["start"] < SHRINK_WINDOW_STEPS:
             return
@@ -1148,13 +1152,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         overflow was already dispatched with the old capacity: its overflow is logged, and
         recompiles only if the capacity grown meanwhile would not have held it. Steps without
         overflow may shrink a grown capacity instead (`check_shrink`)."""
-        window["needed"] = max(window["needed"],
-                               int(jax.device_get(metrics["render_intersections_max"])[0]))
-        worst = int(jax.device_get(metrics["render_overflow_max"])[0])
+        counts = step_overflow(metrics)
+        window["needed"] = max(window["needed"], counts["render_intersections_max"])
+        worst, fraction = counts["render_overflow_max"], counts["render_dropped_fraction"]
         if worst <= 0:
-            check_shrink(metrics, at_step)
+            check_shrink(at_step)
             return
-        fraction = float(jax.device_get(metrics["render_dropped_fraction"])[0])
         current = render_capacity(config, generator.num_gaussians)
         new = max(current, grown_capacity(used, worst, generator.num_gaussians,
                                           config.render.resolution))

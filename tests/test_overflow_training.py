@@ -47,9 +47,11 @@ def test_step_overflow_and_the_capacity_training_would_grow_to():
     config = tiny_config()
     config.render.capacity = 1024
     metrics = {"render_overflow_max": np.array([100, 100]),
-               "render_dropped_fraction": np.array([0.05, 0.05], np.float32)}
+               "render_dropped_fraction": np.array([0.05, 0.05], np.float32),
+               "render_intersections_max": np.array([1124, 1124])}
     overflow = train.step_overflow(metrics)
-    assert overflow == {"render_overflow_max": 100, "render_dropped_fraction": pytest.approx(0.05)}
+    assert overflow == {"render_overflow_max": 100, "render_dropped_fraction": pytest.approx(0.05),
+                        "render_intersections_max": 1124}
     assert train.capacity_after(config, 10_000, overflow) == 2048
     assert train.capacity_after(config, 10_000, dict(overflow, render_overflow_max=0)) is None
     assert train.capacity_after(config, 10_000, overflow, limit=1500) == 1500
