@@ -54,6 +54,10 @@ def get_config():
     c.disc.channel_max = 512
     c.disc.conv_clamp = 256
     c.disc.mbstd_group_size = 4
+    # Not in the paper (its D sees RGB): True gives D the alpha as a 4th channel, the real
+    # images' mattes (RGBA PNGs) against the rendered alpha, as GGHead's `use_masks`. It keeps
+    # the demo's short run from settling on see-through heads (README, "The demo, measured").
+    c.disc.alpha_channel = False
 
     # Rendering.
     c.render = ml_collections.ConfigDict()

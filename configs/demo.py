@@ -1,7 +1,9 @@
 """A small RETA3D that trains on a CPU in minutes, on the embedded synthetic dataset.
 
 Same model and losses as the paper, scaled down: 64² renders, a 64² UV map and a 32² mouth
-patch over the embedded template head, narrow networks, batch 8, 300 steps.
+patch over the embedded template head, narrow networks, batch 8, 300 steps. One departure:
+D sees the alpha as a 4th channel (`disc.alpha_channel`, as GGHead); without it the 300 steps
+end on see-through heads. `--config.disc.alpha_channel=False` gives the paper's RGB D.
 
   python launch.py --config=configs/demo.py --workdir=runs/demo
 """
@@ -30,6 +32,7 @@ def get_config():
     c.disc.channel_base = 1024
     c.disc.channel_max = 64
     c.disc.mbstd_group_size = 4
+    c.disc.alpha_channel = True  # not in the paper: D also sees alpha (see configs/default.py)
 
     c.render.resolution = 64
     c.render.backend = "auto"    # the C++ compositor on a CPU (rasterizer/composite_cpu.cc)

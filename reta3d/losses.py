@@ -63,16 +63,20 @@ def r1_penalty(
 ) -> tuple[jax.Array, jax.Array]:
     """R1 = mean_b ||∇_x D(x_b | π_b)||² on real images, and the real logits.
 
-    d_apply(images (B, H, W, 3), cameras (B, 25)) -> logits (B, 1) is the discriminator
+    d_apply(images (B, H, W, C), cameras (B, 25)) -> logits (B, 1) is the discriminator
     with its parameters closed over (build the closure inside the function you
     differentiate w.r.t. the discriminator parameters; the double backward works).
     As StyleGAN2: grads = ∂ sum_b D(x_b) / ∂x (per-sample gradients, since samples are
     independent; cameras are held fixed), penalty_b = sum over H, W, C of grads², then the
-    batch mean. Returns (penalty scalar float32, logits (B, 1) float32); the logits equal
+    batch mean. C is 3 (RGB), or 4 when D also sees alpha (`train.sees_alpha`): the penalty then
+    covers the alpha channel too, as EG3D's covers both of its dual discriminator's images.
+    Returns (penalty scalar float32, logits (B, 1) float32); the logits equal
     d_apply(real_images, cameras) and can serve the real term of the discriminator loss.
     """
     chex.assert_rank(real_images, 4)
-    chex.assert_axis_dimension(real_images, 3, 3)
+    if real_images.shape[3] not in (3, 4):
+        raise ValueError(f"real_images must be (B, H, W, 3) RGB or (B, H, W, 4) RGB+alpha, got "
+                         f"{real_images.shape}")
     chex.assert_shape(cameras, (real_images.shape[0], 25))
     logits, pullback = jax.vjp(lambda images: d_apply(images, cameras), real_images)
     chex.assert_shape(logits, (real_images.shape[0], 1))

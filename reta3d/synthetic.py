@@ -164,6 +164,12 @@ def make_synthetic_dataset(path, num_images: int, resolution: int, seed: int = 0
     """Renders `num_images` random heads at `resolution`² and writes the dataset folder, with
     its recipe (RECIPE_FILE, `recipe`; a FLAME model's name under "head_model").
 
+    With background 1.0 (white, the default) the images are RGBA PNGs with straight alpha (the
+    rendered colour over black divided by alpha): the folder reader's composite over white
+    (`folder.flatten_alpha`) gives the white-background render to within rounding, and the
+    matte is there for a discriminator that sees alpha (`config.disc.alpha_channel`). With
+    any other background they are RGB, rendered over it, without a matte.
+
     Returns the folder path. Deterministic for a seed. Replaces an earlier synthetic dataset
     at `path`; raises `errors.InputError` for a folder holding anything else
     (`check_replaceable`).
@@ -175,6 +181,7 @@ def make_synthetic_dataset(path, num_images: int, resolution: int, seed: int = 0
     hb = binding_lib.HeadBinding.from_model(model, uv_resolution, mouth_resolution)
     geometry = texel_geometry(model, hb)
     rng = np.random.default_rng(seed)
+    straight_alpha = background == 1.0
 
     @jax.jit
     def render_batch(face, mouth, flame, cameras25):
@@ -182,7 +189,13 @@ def make_synthetic_dataset(path, num_images: int, resolution: int, seed: int = 0
         camera = rasterizer.Camera.from_eg3d(cameras25, resolution)
         out = rasterizer.render(gaussians, camera, background=jnp.full((3,), background),
                                 backend="jax")
-        return out.color
+        if not straight_alpha:
+            return out.color
+        # The render over black is the premultiplied colour: divide by alpha for PNG's
+        # straight alpha (where alpha is 0 the colour does not matter).
+        premultiplied = out.color - (1.0 - out.alpha[..., None]) * background
+        colour = premultiplied / jnp.maximum(out.alpha[..., None], 1e-6)
+        return jnp.concatenate([jnp.clip(colour, 0.0, 1.0), out.alpha[..., None]], -1)
 
     images, labels, flames = [], [], []
     for start in range(0, num_images, batch):
@@ -217,7 +230,8 @@ def make_synthetic_dataset(path, num_images: int, resolution: int, seed: int = 0
 # Bumped whenever what the synthetic heads look like changes (cameras, γs, textures), so that
 # a dataset built by an older version is rebuilt instead of silently trained on.
 # 2: EG3D's exact look-at cameras (radius around the world origin); measured γs.
-RECIPE_VERSION = 2
+# 3: RGBA images (straight alpha) over a white background: the matte for config.disc.alpha_channel.
+RECIPE_VERSION = 3
 RECIPE_FILE = "synthetic.json"
 TEMPLATE = "template_head"   # flame.load()'s name for the embedded head
 

@@ -69,10 +69,67 @@ def build_generator(config) -> generator_lib.RETA3DGenerator:
                                                 config.head.get("log_gamma_s"))
 
 
+def sees_alpha(config) -> bool:
+    """Whether D sees alpha as a 4th channel (`config.disc.alpha_channel`; GGHead's
+    `use_masks`, not in the paper, whose D sees RGB only)."""
+    return bool(config.disc.get("alpha_channel", False))
+
+
+def discriminator_channels(config) -> int:
+    """D's input channels: RGB, plus alpha when `sees_alpha(config)`."""
+    return 4 if sees_alpha(config) else 3
+
+
+def discriminator_view(config, color, alpha):
+    """What D sees of an image: color (B, R, R, 3) in [0, 1] → (B, R, R, 3) in [-1, 1], with
+    alpha (B, R, R) or (B, R, R, 1) in [0, 1] as a 4th channel in [-1, 1] when
+    `sees_alpha(config)` (the real images' mattes, the fakes' rendered alpha)."""
+    images = color * 2.0 - 1.0
+    if not sees_alpha(config):
+        return images
+    alpha = alpha if alpha.ndim == images.ndim else alpha[..., None]
+    return jnp.concatenate([images, alpha * 2.0 - 1.0], axis=-1)
+
+
+def real_images(config, batch) -> np.ndarray:
+    """The loader's batch → D's view of its images, (..., R, R, 3 or 4) float32 in [-1, 1]
+    (`discriminator_view`: image already in [-1, 1], alpha in [0, 1])."""
+    if not sees_alpha(config):
+        return batch["image"]
+    return np.concatenate([batch["image"], batch["alpha"] * np.float32(2.0) - np.float32(1.0)],
+                          axis=-1).astype(np.float32)
+
+
+def check_alpha_data(config) -> None:
+    """Raises `errors.InputError` when D is to see alpha but the dataset's images carry none
+    (an all-opaque matte would teach D that a head fills the frame)."""
+    if not sees_alpha(config):
+        return
+    if config.data.get("synthetic", False):
+        if config.render.background != 1.0:
+            raise errors.InputError(
+                "config.disc.alpha_channel is True but the synthetic dataset keeps its alpha "
+                f"only over white (config.render.background=1.0, got {config.render.background})"
+                ": pass --config.disc.alpha_channel=False or --config.render.background=1.0")
+        return
+    from reta3d.data import folder as folder_lib
+    path = pathlib.Path(config.data.path)
+    if not path.is_dir():
+        return  # prepare_data words the missing folder
+    missing = folder_lib.images_without_alpha(path)
+    if missing:
+        raise errors.InputError(
+            f"config.disc.alpha_channel is True but {len(missing)} images of {path} have no "
+            f"alpha channel (first: {path / missing[0]}): D would see them as opaque "
+            "everywhere. Give every image its matte as an RGBA PNG (alpha = foreground), or "
+            "pass --config.disc.alpha_channel=False")
+
+
 def build_discriminator(config) -> stylegan2.Discriminator:
     d = config.disc
     return stylegan2.Discriminator(
-        c_dim=25, img_resolution=config.render.resolution, img_channels=3,
+        c_dim=25, img_resolution=config.render.resolution,
+        img_channels=discriminator_channels(config),
         channel_base=d.channel_base, channel_max=d.channel_max, conv_clamp=d.conv_clamp,
         mbstd_group_size=d.mbstd_group_size)
 
@@ -148,7 +205,8 @@ def create_train_state(config, generator, discriminator, rng) -> TrainState:
     g_key, d_key = jax.random.split(init_key)
     g_vars = generator.init(g_key)    # jit_init already
     res = config.render.resolution
-    d_vars = jit_init(discriminator.init)(d_key, jnp.zeros((1, res, res, 3)), jnp.zeros((1, 25)))
+    d_vars = jit_init(discriminator.init)(
+        d_key, jnp.zeros((1, res, res, discriminator.img_channels)), jnp.zeros((1, 25)))
     g_tx, d_tx = make_optimizers(config)
     return TrainState(
         step=jnp.zeros((), jnp.int32), g_vars=g_vars, g_ema=g_vars, d_vars=d_vars,
@@ -193,15 +251,16 @@ def fake_conditions(batch):
 
 
 def random_batch(config, num_devices: int, per_device: int, rng):
-    """A random training batch shaped as the loader's, for benchmarks and profiling:
-    images (D, B, R, R, 3) uniform in [-1, 1], look-at cameras (D, B, 25), FLAME fields
+    """A random training batch shaped as the train steps take it, for benchmarks and profiling:
+    images (D, B, R, R, C) uniform in [-1, 1] (C = `discriminator_channels`), look-at cameras (D, B, 25), FLAME fields
     (D, B, k) float32 with the dataset's widths (100 shape, 50 expression)."""
     from rasterizer.types import look_at_eg3d_label
     n = num_devices * per_device
     res = config.render.resolution
     cams = np.stack([look_at_eg3d_label(rng.uniform(-0.5, 0.5), rng.uniform(-0.2, 0.2))
                      for _ in range(n)])
-    batch = {"image": rng.uniform(-1, 1, (n, res, res, 3)), "camera": cams,
+    batch = {"image": rng.uniform(-1, 1, (n, res, res, discriminator_channels(config))),
+             "camera": cams,
              "shape": rng.normal(0, 0.5, (n, 100)), "expression": rng.normal(0, 0.5, (n, 50)),
              "global_pose": np.zeros((n, 3)), "neck_pose": rng.normal(0, 0.05, (n, 3)),
              "jaw_pose": np.abs(rng.normal(0, 0.1, (n, 3))), "eye_pose": np.zeros((n, 6))}
@@ -245,21 +304,25 @@ def _render_kwargs(config, gaussians, cameras25):
                 capacity=render_capacity(config, gaussians.means.shape[-2]))
 
 
-def render_images(config, gaussians, cameras25):
-    """Gaussians (B,N,·) seen by EG3D cameras (B,25) → (images (B,R,R,3) in [-1,1],
-    needed (B,) int32: the tile intersections each image has, i.e. the capacity it needs;
-    those beyond the capacity were dropped, `rasterizer.RenderOutput.intersections`)."""
+def render_images(config, gaussians, cameras25, *, rgb_only: bool = False):
+    """Gaussians (B,N,·) seen by EG3D cameras (B,25) → (images (B,R,R,C) in [-1,1] as D sees
+    them (`discriminator_view`: C = 3, or 4 with alpha last; C = 3 with rgb_only), needed (B,)
+    int32: the tile intersections each image has, i.e. the capacity it needs; those beyond
+    the capacity were dropped, `rasterizer.RenderOutput.intersections`)."""
     out = rasterizer.render(gaussians, **_render_kwargs(config, gaussians, cameras25))
-    return out.color * 2.0 - 1.0, out.intersections
+    if rgb_only:
+        return out.color * 2.0 - 1.0, out.intersections
+    return discriminator_view(config, out.color, out.alpha), out.intersections
 
 
 def render_images_pair(config, gaussians, gaussians_b, cameras25):
     """`render_images` through `rasterizer.render_pair`: one render of `gaussians`, returned
     as (images, images_b, needed) with images_b's gradient going to `gaussians_b` (same
-    values, another gradient path)."""
+    values, another gradient path). images as D sees them; images_b RGB only (for L_ID)."""
     out, out_b = rasterizer.render_pair(gaussians, gaussians_b,
                                         **_render_kwargs(config, gaussians, cameras25))
-    return out.color * 2.0 - 1.0, out_b.color * 2.0 - 1.0, out.intersections
+    return (discriminator_view(config, out.color, out.alpha), out_b.color * 2.0 - 1.0,
+            out.intersections)
 
 
 def dropped_fraction(overflow, capacity: int):
@@ -312,16 +375,17 @@ def synthesize_static(config, generator, g_vars, z, cameras, rng, *, train: bool
 
 
 def render_static_images(config, generator, g_vars, static, flame, cameras):
-    """I_s: the static maps decoded without G_d and rendered → (images (B,R,R,3) in [-1,1],
-    needed (B,) int32). `flame` already fitted to the head model (`fit_flame`)."""
+    """I_s: the static maps decoded without G_d and rendered → (RGB images (B,R,R,3) in
+    [-1,1], needed (B,) int32). `flame` already fitted to the head model (`fit_flame`)."""
     gaussians, _ = generator.animate(g_vars, static, flame, use_dynamic=False)
-    return render_images(config, gaussians, cameras)
+    return render_images(config, gaussians, cameras, rgb_only=True)
 
 
 def generate_images(config, generator, g_vars, z, cameras, flame, rng, *, train: bool,
                     static_images: bool = False, style_mixing_prob: float = 0.0,
                     noise_mode: str = "random", cond_cameras=None):
-    """z (B,z_dim), cameras (B,25), FLAME dict → dict(images, [static_images], aux,
+    """z (B,z_dim), cameras (B,25), FLAME dict → dict(images (B,R,R,C) as D sees them,
+    `render_images`; [static_images] (B,R,R,3), aux,
     mapping_state, needed (B,) int32 tile intersections (`render_images`), the larger of the two
     renders).
 
@@ -637,12 +701,13 @@ def train_iteration(steps, state, batch, ema_decay, step: int, r1_interval: int)
 # ------------------------------------------------------------------------------------------
 
 def make_sample_fn(config, generator):
-    """jit: (g_vars, z (B,z), cameras (B,25), flame, cond_cameras (B,25)) → images (B,R,R,3) in
-    [-1,1] (const noise), rendered at `cameras`, the mapping conditioned on `cond_cameras`."""
+    """jit: (g_vars, z (B,z), cameras (B,25), flame, cond_cameras (B,25)) → RGB images
+    (B,R,R,3) in [-1,1] (const noise), rendered at `cameras`, the mapping conditioned on
+    `cond_cameras`."""
     def sample(g_vars, z, cameras, flame, cond_cameras):
         return generate_images(config, generator, g_vars, z, cameras, flame,
                                jax.random.PRNGKey(0), train=False,
-                               cond_cameras=cond_cameras)["images"]
+                               cond_cameras=cond_cameras)["images"][..., :3]
     return jax.jit(sample)
 
 
@@ -1004,6 +1069,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     is_main = jax.process_index() == 0
     check_workdir(workdir)       # the checks that need nothing built come before the dataset,
     check_vgg_weights(config)    # which can take minutes to copy or synthesise
+    check_alpha_data(config)
     source = prepare_data(config)
     num_devices = jax.local_device_count()
     batch_size = config.train.batch_size
@@ -1202,6 +1268,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     try:
         while step < total_steps:
             batch = next(loader)
+            batch = dict(batch, image=real_images(config, batch))
             batch = {k: batch[k] for k in ("image", "camera") + FLAME_KEYS}
             used = render_capacity(config, generator.num_gaussians)
             state, metrics = train_iteration(steps, state, batch, ema_beta(config, step), step,

@@ -223,11 +223,28 @@ def test_a_matted_rgba_image_is_composited_over_white(dataset, tmp_path):
     expected = rgb.astype(np.float64)
     expected[:, :SIDE // 2] = 255.0
     expected[0] = rgb[0] * (128 / 255) + 255.0 * (127 / 255)
+    image_png, mask_png = tfds_builder._encoded_pngs(path / "images/00001.png", SIDE)
     for image in (folder_format.load_image(path / "images/00001.png"),
-                  np.asarray(Image.open(io.BytesIO(tfds_builder._encoded_png(
-                      path / "images/00001.png", SIDE))))):
+                  np.asarray(Image.open(io.BytesIO(image_png)))):
         assert image.shape == (SIDE, SIDE, 3)
         assert np.abs(image - expected).max() <= 1.0
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(mask_png))), alpha)
+    assert folder_format.images_without_alpha(path) == [
+        f"images/{i:05d}.png" for i in range(NUM_IMAGES) if i != 1]
+
+    # The matte reaches the loader's batches ("alpha", flipped with its image); images
+    # without one are opaque.
+    source = tfds_builder.load_data_source(path, SIDE, data_dir=tmp_path / "tfds")
+    seen = set()
+    for batch in _take(loader_lib.make_loader(source, 2, 1, seed=1), 12):
+        for b in range(2):
+            i, flipped = int(batch["index"][0, b]), bool(batch["flipped"][0, b])
+            got = batch["alpha"][0, b, ..., 0]
+            assert batch["alpha"].dtype == np.float32
+            want = alpha / 255.0 if i == 1 else np.ones((SIDE, SIDE))
+            np.testing.assert_allclose(got, want[:, ::-1] if flipped else want, atol=1e-6)
+            seen.add((i, flipped))
+    assert (1, True) in seen and (1, False) in seen
 
 
 @pytest.mark.parametrize("case", sorted(BAD_CASES))

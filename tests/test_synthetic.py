@@ -19,7 +19,7 @@ def test_synthetic_dataset_is_a_valid_folder_of_heads(tmp_path):
     summary = folder.validate_folder(path)
     assert summary.num_images == 4
     contents = folder.read_folder(path)
-    images = np.stack([np.asarray(Image.open(path / name)) for name in contents.filenames])
+    images = np.stack([folder.load_image(path / name) for name in contents.filenames])
     assert images.shape == (4, 32, 32, 3)
     # A head in the middle on a white background: the centre is covered, the corners are not.
     centre = images[:, 12:20, 12:20].astype(float)
@@ -95,12 +95,17 @@ def test_building_never_replaces_a_folder_it_did_not_write(tmp_path):
 
 def test_render_heads_reproduces_the_dataset_images(tmp_path):
     """render_heads draws the dataset's heads anywhere: the same identities, FLAME parameters
-    and cameras as the dataset's own draws give the dataset's images (PNG round trip: ±1)."""
+    and cameras as the dataset's own draws give the dataset's images (PNG round trip: ±1).
+    The images are RGBA with straight alpha: composited over white they are the white render,
+    and their alpha is the heads' rendered alpha (`reference_alpha`)."""
     from reta3d import binding as binding_lib
     from reta3d import flame as flame_lib
     path = _render(tmp_path / "a", seed=3)
     contents = folder.read_folder(path)
-    stored = np.stack([np.asarray(Image.open(path / name)) for name in contents.filenames])
+    read = [folder.load_image_and_alpha(path / name) for name in contents.filenames]
+    stored = np.stack([rgb for rgb, _ in read])
+    stored_alpha = np.stack([alpha for _, alpha in read])
+    assert all(Image.open(path / name).mode == "RGBA" for name in contents.filenames)
     model = flame_lib.load()
     hb = binding_lib.HeadBinding.from_model(model, 32, 16)
     rng = np.random.default_rng(3)   # the dataset's draws, in its order
@@ -111,6 +116,10 @@ def test_render_heads_reproduces_the_dataset_images(tmp_path):
                                     mouth_resolution=16, flame_model=model)
     assert images.shape == (4, 32, 32, 3) and images.dtype == np.uint8
     assert np.abs(images.astype(int) - stored).max() <= 1
+    alpha = synthetic.reference_alpha(flame, cameras, 32, uv_resolution=32, mouth_resolution=16,
+                                      flame_model=model)
+    assert np.abs(alpha * 255 - stored_alpha).max() <= 0.51
+    assert (stored_alpha == 0).mean() > 0.2 and (stored_alpha == 255).mean() > 0.2
     # Another identity under the same conditions is another image.
     other = synthetic.render_heads(colours[::-1].copy(), flame, cameras, 32, uv_resolution=32,
                                    mouth_resolution=16, flame_model=model)

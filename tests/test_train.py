@@ -49,14 +49,17 @@ def tiny_config():
     return c
 
 
-def make_batches(num, batch_size, res, seed=0):
+def make_batches(num, batch_size, res, seed=0, channels=None):
+    """Batches as the train steps take them: images (B, R, R, C) in [-1, 1] with C =
+    `train.discriminator_channels` of `tiny_config()` unless given (the demo's D sees alpha)."""
+    channels = train.discriminator_channels(tiny_config()) if channels is None else channels
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(num):
         cams = np.stack([look_at_eg3d_label(rng.uniform(-0.4, 0.4), rng.uniform(-0.2, 0.2))
                          for _ in range(batch_size)])
         out.append({
-            "image": rng.uniform(-1, 1, (batch_size, res, res, 3)).astype(np.float32),
+            "image": rng.uniform(-1, 1, (batch_size, res, res, channels)).astype(np.float32),
             "camera": cams,
             "shape": rng.normal(0, 0.5, (batch_size, 100)).astype(np.float32),
             "expression": rng.normal(0, 0.5, (batch_size, 50)).astype(np.float32),
@@ -188,6 +191,43 @@ def test_sample_grid_calls_one_batch_size_and_places_every_cell():
                                rtol=1e-6)
 
 
+def test_the_discriminator_sees_alpha_of_reals_and_fakes_only_when_asked():
+    """disc.alpha_channel (the demo's): D takes 4 channels, the reals' mattes and the fakes'
+    rendered alpha as the 4th, in [-1, 1]; the samples stay RGB. Off (the paper): RGB only."""
+    import rasterizer
+    config = tiny_config()
+    config.render.resolution = 16
+    generator = train.build_generator(config)
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.uniform(-1, 1, (2, 3, 16, 16, 3)).astype(np.float32),
+             "alpha": rng.uniform(0, 1, (2, 3, 16, 16, 1)).astype(np.float32)}
+    cams = np.stack([look_at_eg3d_label(y, 0.0) for y in (-0.3, 0.4)]).astype(np.float32)
+    g_vars = generator.init(jax.random.PRNGKey(1))
+    static = generator.generate_static(g_vars, jnp.asarray(rng.standard_normal((2, 16)),
+                                                           jnp.float32), cams)
+    gaussians, _ = generator.animate(g_vars, static, {})
+    out = rasterizer.render(gaussians, rasterizer.Camera.from_eg3d(cams, 16),
+                            background=jnp.ones(3), capacity=train.render_capacity(
+                                config, generator.num_gaussians))
+    for sees in (True, False):
+        config.disc.alpha_channel = sees
+        assert train.build_discriminator(config).img_channels == (4 if sees else 3)
+        real = train.real_images(config, batch)
+        fake, _ = train.render_images(config, gaussians, cams)
+        assert real.shape[-1] == fake.shape[-1] == (4 if sees else 3)
+        np.testing.assert_array_equal(real[..., :3], batch["image"])
+        np.testing.assert_allclose(fake[..., :3], out.color * 2 - 1, atol=1e-6)
+        if sees:
+            np.testing.assert_allclose(real[..., 3:], batch["alpha"] * 2 - 1, atol=1e-7)
+            np.testing.assert_allclose(fake[..., 3], out.alpha * 2 - 1, atol=1e-6)
+            assert 0.05 < float(np.mean(out.alpha)) < 0.95   # a head and a background
+        flame = {k: v for k, v in make_batches(1, 2, 16, channels=3)[0].items()
+                 if k in train.FLAME_KEYS}
+        sample = train.make_sample_fn(config, generator)(
+            g_vars, jnp.zeros((2, 16)), cams, flame, cams)
+        assert sample.shape == (2, 16, 16, 3)
+
+
 def test_ema_beta_follows_stylegan2():
     config = tiny_config()
     config.train.ema_kimg = 10.0
@@ -240,6 +280,13 @@ def test_a_run_that_cannot_start_says_which_flag_and_writes_nothing(tmp_path):
         train.train_and_evaluate(config, tmp_path / "run")
     assert sorted(p.relative_to(mine) for p in mine.rglob("*")) == listing
     config.data.synthetic = False
+    # The demo's D sees alpha: a folder of RGB images has none to show it.
+    assert config.disc.alpha_channel
+    with pytest.raises(errors.InputError, match=f"config.disc.alpha_channel is True but 3 images "
+                       f"of {mine} have no alpha channel .first: {mine}/images/00000.png.*"
+                       "--config.disc.alpha_channel=False"):
+        train.train_and_evaluate(config, tmp_path / "run")
+    config.disc.alpha_channel = False
     with pytest.raises(errors.InputError, match=f"{mine} holds 3 image.s., fewer than one batch "
                        "of 4: add images, or pass --config.train.batch_size=2 "):
         train.train_and_evaluate(config, tmp_path / "run")

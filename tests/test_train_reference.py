@@ -59,6 +59,7 @@ def reference_config():
     c.loss.lambda_id = LAMBDA_ID           # L_ID on (random VGG16, its first block only)
     c.loss.vgg_layers = ("relu1_2",)
     c.optim.eps = 1e-8                     # the paper's ε: second moments are set, see above
+    c.disc.alpha_channel = False           # the paper's D (RGB); the demo's alpha: test_train
     return c
 
 
@@ -232,7 +233,8 @@ def iteration():
         lambda p: (p + 0.01 * rng.standard_normal(p.shape)).astype(np.float32), params))
     state = state.replace(g_vars=g_vars, g_ema=g_ema)
 
-    batch = make_batches(1, config.train.batch_size, config.render.resolution, seed=3)[0]
+    batch = make_batches(1, config.train.batch_size, config.render.resolution, seed=3,
+                         channels=3)[0]
     ref = make_reference(config, generator, discriminator, vgg_features)
     z_dim, bsz = config.model.z_dim, config.train.batch_size
 

@@ -8,7 +8,9 @@ Layout (every filename is relative to DATASET, with forward slashes)::
                                       (and again by the loader if asked for another size).
                                       RGBA (a matte in the alpha channel, as rembg or MODNet
                                       write) is composited over white, the background the
-                                      generator renders on (`flatten_alpha`).
+                                      generator renders on (`flatten_alpha`); the matte is
+                                      kept beside it for a discriminator that sees alpha
+                                      (`config.disc.alpha_channel`, `load_image_and_alpha`).
       dataset.json                    EG3D's camera labels:
           {"labels": [["images/00000.png", [25 floats]], …]}
           25 = the 4x4 cam2world matrix (row-major, OpenCV axes) then the 3x3 intrinsics
@@ -415,11 +417,16 @@ def flatten_alpha(image: "Image.Image", background: int = 255) -> "Image.Image":
     RGB composited over a solid grey level (255: white, the configs' render background);
     any other image → RGB as Pillow converts it. A matte in the alpha channel thus becomes
     the white background of FFHQ-style training images (GGHead's `apply_masks`)."""
-    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+    if has_alpha(image):
         rgba = image.convert("RGBA")
         canvas = Image.new("RGBA", rgba.size, (background,) * 3 + (255,))
         return Image.alpha_composite(canvas, rgba).convert("RGB")
     return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def has_alpha(image: "Image.Image") -> bool:
+    """Whether a PIL image carries transparency (what `flatten_alpha` composites)."""
+    return image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
 
 
 def load_image(path, resolution: Optional[int] = None) -> np.ndarray:
@@ -428,15 +435,40 @@ def load_image(path, resolution: Optional[int] = None) -> np.ndarray:
     An image with an alpha channel is composited over white first (`flatten_alpha`).
     Resizing uses Lanczos filtering (antialiased when downsampling).
     """
+    return load_image_and_alpha(path, resolution)[0]
+
+
+def load_image_and_alpha(path, resolution: Optional[int] = None
+                         ) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """One image file → (rgb (H, W, 3) uint8 composited over white as `load_image` does,
+    alpha (H, W) uint8 or None for an image without transparency), both resized with the same
+    Lanczos filter when `resolution` is given. The composite is linear in (premultiplied
+    colour, alpha), so resizing the two apart keeps them consistent."""
     path = pathlib.Path(path)
     try:
         with Image.open(path) as image:
+            alpha = image.convert("RGBA").getchannel("A") if has_alpha(image) else None
             image = flatten_alpha(image)
             if resolution is not None and image.size != (resolution, resolution):
-                image = image.resize((resolution, resolution), Image.Resampling.LANCZOS)
-            return np.asarray(image, np.uint8).copy()
+                size = (resolution, resolution)
+                image = image.resize(size, Image.Resampling.LANCZOS)
+                alpha = None if alpha is None else alpha.resize(size, Image.Resampling.LANCZOS)
+            return (np.asarray(image, np.uint8).copy(),
+                    None if alpha is None else np.asarray(alpha, np.uint8).copy())
     except (OSError, ValueError) as error:
         raise DatasetError(path.parent, [(str(path), f"cannot be read as an image ({error})")])
+
+
+def images_without_alpha(path) -> list[str]:
+    """The images of dataset folder `path` (relative names) that carry no alpha channel: what
+    a discriminator that sees alpha cannot train on. Reads only the file headers."""
+    folder = pathlib.Path(path)
+    missing = []
+    for name in list_images(folder):
+        with Image.open(folder / name) as image:
+            if not has_alpha(image):
+                missing.append(name)
+    return missing
 
 
 def folder_fingerprint(path) -> str:
@@ -471,7 +503,8 @@ def write_folder(path, images, labels, flame: Mapping[str, np.ndarray],
                  extra_files: Optional[Mapping[str, str]] = None) -> pathlib.Path:
     """Writes a dataset folder in the documented layout, atomically.
 
-    images: (N, H, W, 3) uint8 (H == W); labels: (N, 25) EG3D camera labels; flame: dict of
+    images: (N, H, W, 3) uint8 RGB or (N, H, W, 4) RGBA with straight (not premultiplied)
+    alpha, the PNG convention (H == W); labels: (N, 25) EG3D camera labels; flame: dict of
     (N, k) arrays with keys among FLAME_KEYS (absent keys mean zeros; shape k ≤ 300,
     expression k ≤ 100, poses 3, eye_pose 6); names: N relative names "images/….png"
     (default "images/00000.png", …). Everything is written to a temporary sibling folder and
@@ -486,8 +519,9 @@ def write_folder(path, images, labels, flame: Mapping[str, np.ndarray],
     count = images.shape[0]
     if images.dtype != np.uint8:
         raise ValueError(f"images must be uint8, got {images.dtype}")
-    if images.shape[3] != 3 or images.shape[1] != images.shape[2]:
-        raise ValueError(f"images must be (N, H, H, 3) square RGB, got {images.shape}")
+    if images.shape[3] not in (3, 4) or images.shape[1] != images.shape[2]:
+        raise ValueError(f"images must be (N, H, H, 3) square RGB or (N, H, H, 4) RGBA, got "
+                         f"{images.shape}")
     chex.assert_shape(labels, (count, LABEL_SIZE))
     if not np.all(np.isfinite(labels)):
         raise ValueError("labels contain non-finite values")
@@ -528,7 +562,8 @@ def write_folder(path, images, labels, flame: Mapping[str, np.ndarray],
         for name, image in zip(names, images):
             target = staging / name
             target.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(image, "RGB").save(target, format="PNG")
+            Image.fromarray(image, "RGBA" if image.shape[-1] == 4 else "RGB").save(
+                target, format="PNG")
         (staging / LABELS_FILE).write_text(_json_lines(
             "labels", [[name, [float(v) for v in label]] for name, label in zip(names, labels)]))
         (staging / FLAME_FILE).write_text(_json_lines("flame", [

@@ -33,7 +33,7 @@ from reta3d.data import flip as flip_lib
 from reta3d.data import folder as folder_format
 
 FLAME_FIELDS = folder_format.FLAME_KEYS
-BATCH_KEYS = ("image", "camera") + FLAME_FIELDS + ("index", "flipped")
+BATCH_KEYS = ("image", "alpha", "camera") + FLAME_FIELDS + ("index", "flipped")
 
 
 # Part of the loader's settings: a checkpointed stream from another layout cannot resume.
@@ -47,7 +47,8 @@ def _seeds(seed: int) -> tuple[int, int]:
 
 
 def _decode(element: tuple[int, Mapping[str, Any]], resolution: Optional[int]) -> dict:
-    """A source record -> image (R, R, 3) uint8, camera (25,) and FLAME fields float32."""
+    """A source record -> image (R, R, 3) uint8, alpha (R, R, 1) uint8 (the record's mask;
+    255 everywhere for a source without masks), camera (25,) and FLAME fields float32."""
     index, record = element
     missing = [key for key in ("image", "camera") + FLAME_FIELDS if key not in record]
     name = record.get("filename", f"record {index}")
@@ -58,10 +59,17 @@ def _decode(element: tuple[int, Mapping[str, Any]], resolution: Optional[int]) -
     if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
         raise ValueError(f"data source element {index} ({name}): image must be (H, W, 3) "
                          f"uint8, got {image.shape} {image.dtype}")
+    alpha = np.asarray(record["mask"]) if "mask" in record else np.full(
+        image.shape[:2] + (1,), 255, np.uint8)
+    if alpha.shape != image.shape[:2] + (1,) or alpha.dtype != np.uint8:
+        raise ValueError(f"data source element {index} ({name}): mask must be (H, W, 1) uint8 "
+                         f"as its image, got {alpha.shape} {alpha.dtype}")
     if resolution is not None and image.shape[:2] != (resolution, resolution):
-        image = np.asarray(Image.fromarray(image, "RGB").resize(
-            (resolution, resolution), Image.Resampling.LANCZOS))
-    out = {"image": image, "camera": np.asarray(record["camera"], np.float32)}
+        size = (resolution, resolution)
+        image = np.asarray(Image.fromarray(image, "RGB").resize(size, Image.Resampling.LANCZOS))
+        alpha = np.asarray(Image.fromarray(alpha[..., 0], "L").resize(
+            size, Image.Resampling.LANCZOS))[..., None]
+    out = {"image": image, "alpha": alpha, "camera": np.asarray(record["camera"], np.float32)}
     chex.assert_shape(out["camera"], (folder_format.LABEL_SIZE,))
     out.update({key: np.asarray(record[key], np.float32) for key in FLAME_FIELDS})
     out["index"] = np.int32(index)
@@ -81,14 +89,16 @@ def _apply_flip(element: dict, flipped: bool) -> dict:
     if flipped:
         flame = {key: element[key] for key in FLAME_FIELDS}
         image, camera, flame = flip_lib.flip_sample(element["image"], element["camera"], flame)
-        element = {**element, "image": image, "camera": camera, **flame}
+        element = {**element, "image": image, "alpha": flip_lib.flip_image(element["alpha"]),
+                   "camera": camera, **flame}
     return {**element, "flipped": np.bool_(flipped)}
 
 
 def _normalise(element: dict) -> dict:
-    # uint8 0..255 -> [-1, 1] (StyleGAN/EG3D convention).
+    # uint8 0..255 -> [-1, 1] (StyleGAN/EG3D convention); alpha -> [0, 1].
     image = element["image"].astype(np.float32) / np.float32(127.5) - np.float32(1.0)
-    return {**element, "image": image}
+    alpha = element["alpha"].astype(np.float32) / np.float32(255.0)
+    return {**element, "image": image, "alpha": alpha}
 
 
 def _split_devices(batch: dict, num_devices: int) -> dict:
@@ -108,7 +118,8 @@ def _read_host_batch(ids_and_flips, data_source, resolution: Optional[int], num_
 class Loader:
     """Iterator of batches {key: (num_devices, per_device_batch, ...)} with resumable state.
 
-    image (D, B, H, W, 3) float32 in [-1, 1]; camera (D, B, 25) float32; shape (D, B, S),
+    image (D, B, H, W, 3) float32 in [-1, 1]; alpha (D, B, H, W, 1) float32 in [0, 1] (the
+    images' mattes; 1 for images without one); camera (D, B, 25) float32; shape (D, B, S),
     expression (D, B, E), global_pose/neck_pose/jaw_pose (D, B, 3), eye_pose (D, B, 6)
     float32; index (D, B) int32 (the record's index in the source); flipped (D, B) bool.
     """

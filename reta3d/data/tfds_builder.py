@@ -8,7 +8,9 @@ name holds the resolution, the stored FLAME sizes and a fingerprint of the folde
 a new copy is built and the stale one of the same resolution and sizes is deleted.
 
 Records (in filename order, `disable_shuffling=True`):
-  image       (R, R, 3) uint8, PNG-encoded
+  image       (R, R, 3) uint8, PNG-encoded (an RGBA image composited over white)
+  mask        (R, R, 1) uint8, PNG-encoded: the image's alpha channel, 255 everywhere for an
+              image without one (`folder.load_image_and_alpha`)
   camera      (25,) float32  EG3D label
   shape       (num_shape,) float32, expression (num_expression,) float32
   global_pose, neck_pose, jaw_pose (3,) float32, eye_pose (6,) float32
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import inspect
 import io
 import logging
@@ -65,8 +68,9 @@ class Reta3dFaces(tfds.core.GeneratorBasedBuilder):
     """Portraits with EG3D cameras and FLAME parameters, from a dataset folder."""
 
     name = BUILDER_NAME
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First format: image, camera, FLAME fields, filename."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "First format: image, camera, FLAME fields, filename.",
+                     "1.1.0": "mask: the images' alpha channel."}
 
     @tfds.core.utils.classproperty
     @classmethod
@@ -97,6 +101,8 @@ class Reta3dFaces(tfds.core.GeneratorBasedBuilder):
             features=tfds.features.FeaturesDict({
                 "image": tfds.features.Image(
                     shape=(config.resolution, config.resolution, 3), encoding_format="png"),
+                "mask": tfds.features.Image(
+                    shape=(config.resolution, config.resolution, 1), encoding_format="png"),
                 "camera": tensor(folder_format.LABEL_SIZE),
                 "shape": tensor(config.num_shape),
                 "expression": tensor(config.num_expression),
@@ -116,28 +122,39 @@ class Reta3dFaces(tfds.core.GeneratorBasedBuilder):
         config = self.builder_config
         root = pathlib.Path(config.folder)
         contents = folder_format.read_folder(root, config.num_shape, config.num_expression)
-        encode = lambda name: _encoded_png(root / name, config.resolution)
+        encode = lambda name: _encoded_pngs(root / name, config.resolution)
         with concurrent.futures.ThreadPoolExecutor(min(16, (os.cpu_count() or 1) + 2)) as pool:
             for start in range(0, len(contents.filenames), _CHUNK):
                 names = contents.filenames[start:start + _CHUNK]
-                for offset, png in enumerate(pool.map(encode, names)):
+                for offset, (png, mask) in enumerate(pool.map(encode, names)):
                     index = start + offset
-                    record = {"image": png, "camera": contents.cameras[index],
+                    record = {"image": png, "mask": mask, "camera": contents.cameras[index],
                               "filename": contents.filenames[index]}
                     record.update({key: values[index] for key, values in contents.flame.items()})
                     yield contents.filenames[index], record
 
 
-def _encoded_png(path: pathlib.Path, resolution: int) -> bytes:
-    """PNG bytes of the image at (resolution, resolution); a matching PNG passes through."""
-    with Image.open(path) as image:
-        if (image.format == "PNG" and image.mode == "RGB"
-                and image.size == (resolution, resolution)):
-            return path.read_bytes()
-    pixels = folder_format.load_image(path, resolution)
+def _png(pixels: np.ndarray, mode: str) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(pixels, "RGB").save(buffer, format="PNG", compress_level=_PNG_COMPRESS_LEVEL)
+    Image.fromarray(pixels, mode).save(buffer, format="PNG", compress_level=_PNG_COMPRESS_LEVEL)
     return buffer.getvalue()
+
+
+@functools.lru_cache(maxsize=4)
+def _opaque_mask_png(resolution: int) -> bytes:
+    return _png(np.full((resolution, resolution), 255, np.uint8), "L")
+
+
+def _encoded_pngs(path: pathlib.Path, resolution: int) -> tuple[bytes, bytes]:
+    """PNG bytes of (the image, its alpha) at (resolution, resolution); a matching RGB PNG
+    passes through, with an opaque mask."""
+    with Image.open(path) as image:
+        if (image.format == "PNG" and image.mode == "RGB" and "transparency" not in image.info
+                and image.size == (resolution, resolution)):
+            return path.read_bytes(), _opaque_mask_png(resolution)
+    pixels, alpha = folder_format.load_image_and_alpha(path, resolution)
+    mask = _opaque_mask_png(resolution) if alpha is None else _png(alpha, "L")
+    return _png(pixels, "RGB"), mask
 
 
 def _native_resolution(root: pathlib.Path) -> int:
@@ -185,10 +202,17 @@ def make_builder(folder, resolution: Optional[int] = None, data_dir=None,
 
 
 def _remove_stale_copies(builder: Reta3dFaces) -> None:
-    """Deletes copies of the same resolution and sizes built from older folder contents."""
+    """Deletes copies of the same resolution and sizes built from older folder contents, and
+    copies of this one in an older format version."""
     config = builder.builder_config
     prefix = _config_prefix(config.resolution, config.num_shape, config.num_expression)
-    builder_root = pathlib.Path(builder.data_dir).parent.parent
+    version_dir = pathlib.Path(builder.data_dir)
+    for candidate in version_dir.parent.iterdir():
+        if candidate.is_dir() and candidate != version_dir and re.fullmatch(
+                r"\d+\.\d+\.\d+", candidate.name):
+            logging.info("Removing prepared copy %s of an older format", candidate)
+            shutil.rmtree(candidate, ignore_errors=True)
+    builder_root = version_dir.parent.parent
     if not builder_root.is_dir():
         return
     for candidate in builder_root.iterdir():
@@ -228,7 +252,7 @@ def load_data_source(folder, resolution: Optional[int] = None, data_dir=None,
     """Prepares if needed, then the random-access source of `split` (no TensorFlow).
 
     Returns a sequence (len, [i]) of dicts as listed in the module docstring; images come
-    back as (R, R, 3) uint8 and filenames as bytes.
+    back as (R, R, 3) uint8, masks as (R, R, 1) uint8 and filenames as bytes.
     """
     builder = prepare_dataset(folder, resolution, data_dir, num_shape, num_expression)
     return builder.as_data_source(split=split)
