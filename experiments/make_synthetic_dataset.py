@@ -20,7 +20,9 @@ flags.DEFINE_string("out", "data/synthetic64",
 flags.DEFINE_integer("num_images", 512, "Number of images.")
 flags.DEFINE_integer("resolution", 64, "Image size in pixels (square).")
 flags.DEFINE_integer("seed", 0, "Random seed (identities, expressions, cameras).")
-flags.DEFINE_float("background", 1.0, "Background grey level in [0, 1].")
+flags.DEFINE_float("background", 1.0, "Background grey level in [0, 1]. 1 (white): RGBA "
+                   "images whose matte a discriminator that sees alpha can use; any other: "
+                   "RGB images over that grey, without a matte.")
 flags.DEFINE_string("flame_model", None, "Optional FLAME model (.pkl/.npz); default: template.")
 flags.DEFINE_string("flame_uv", None, "UV layout for --flame_model (head_template.obj or .npz).")
 FLAGS = flags.FLAGS
