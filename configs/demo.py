@@ -1,9 +1,10 @@
 """A small RETA3D that trains on a CPU in minutes, on the embedded synthetic dataset.
 
 Same model and losses as the paper, scaled down: 64² renders, a 64² UV map and a 32² mouth
-patch over the embedded template head, narrow networks, batch 8, 300 steps. One departure:
-D sees the alpha as a 4th channel (`disc.alpha_channel`, as GGHead); without it the 300 steps
-end on see-through heads. `--config.disc.alpha_channel=False` gives the paper's RGB D.
+patch over the embedded template head, narrow networks, batch 8, 300 steps, a fixed random
+VGG16 for L_ID. One departure from the paper's model: D sees the alpha as a 4th channel
+(`disc.alpha_channel`, as GGHead); without it the 300 steps end on see-through heads.
+`--config.disc.alpha_channel=False` gives the paper's RGB D.
 
   python launch.py --config=configs/demo.py --workdir=runs/demo
 """
