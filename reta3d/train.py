@@ -119,8 +119,10 @@ def check_alpha_data(config) -> None:
     missing = folder_lib.images_without_alpha(path)
     if missing:
         raise errors.InputError(
-            f"config.disc.alpha_channel is True but {len(missing)} images of {path} have no "
-            f"alpha channel (first: {path / missing[0]}): D would see them as opaque "
+            f"config.disc.alpha_channel is True but {len(missing)} "
+            f"{'image of' if len(missing) == 1 else 'images of'} {path} "
+            f"{'has' if len(missing) == 1 else 'have'} no alpha channel "
+            f"(first: {path / missing[0]}): D would see them as opaque "
             "everywhere. Give every image its matte as an RGBA PNG (alpha = foreground), or "
             "pass --config.disc.alpha_channel=False")
 

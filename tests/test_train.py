@@ -307,6 +307,34 @@ def test_a_run_that_cannot_start_says_which_flag_and_writes_nothing(tmp_path):
     assert not (tmp_path / "never_built").exists() and not (tmp_path / "run").exists()
 
 
+def test_an_alpha_seeing_discriminator_needs_a_matte_for_every_image(tmp_path):
+    """check_alpha_data: a folder of RGBA images passes; one RGB image among them is named;
+    the synthetic dataset (RGBA over white) passes, but not over another background."""
+    from reta3d import errors
+    from reta3d.data import folder as folder_lib
+    config = tiny_config()
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 255, (3, 8, 8, 4), np.uint8)
+    path = folder_lib.write_folder(tmp_path / "matted", rgba,
+                                   np.stack([look_at_eg3d_label(0.0, 0.0)] * 3), {})
+    config.data.path = str(path)
+    config.data.synthetic = False
+    train.check_alpha_data(config)
+    from PIL import Image
+    Image.fromarray(rgba[1, ..., :3]).save(path / "images/00001.png")
+    with pytest.raises(errors.InputError, match=f"1 image of {path} has no alpha channel "
+                       f".first: {path}/images/00001.png"):
+        train.check_alpha_data(config)
+    config.disc.alpha_channel = False
+    train.check_alpha_data(config)
+    config.disc.alpha_channel = True
+    config.data.synthetic = True
+    train.check_alpha_data(config)
+    config.render.background = 0.0
+    with pytest.raises(errors.InputError, match="only over white"):
+        train.check_alpha_data(config)
+
+
 def test_swap_conditioning_rolls_the_batch():
     cams = jnp.arange(4 * 25, dtype=jnp.float32).reshape(4, 25)
     key = jax.random.PRNGKey(3)
