@@ -153,6 +153,54 @@ def check_vgg_weights(config) -> None:
             "--config.loss.vgg16=random to use a fixed random VGG16 explicitly.")
 
 
+# Settings that do not change the networks' parameters: a run may resume with others.
+_RESUMABLE_MODEL_KEYS = {"model.dtype", "model.conv_clamp", "disc.conv_clamp",
+                         "disc.mbstd_group_size"}
+# What a run saved before a setting existed did: its value then.
+_SETTING_BEFORE_IT_EXISTED = {"disc.alpha_channel": False}
+
+
+def check_resume_config(workdir: pathlib.Path, config) -> None:
+    """Raises `errors.InputError` when `workdir` holds checkpoints of another network: its
+    config.json differs from `config` in `model`, `head`, `disc` or `render.resolution`
+    (other than the settings in _RESUMABLE_MODEL_KEYS). A key the saved config lacks (a run from
+    before it existed) counts as what such runs did (_SETTING_BEFORE_IT_EXISTED), or is not
+    compared. Without this, the restore fails
+    deep in orbax with pages of shape errors, after the run's config.json was overwritten."""
+    saved_file = workdir / "config.json"
+    checkpoints = workdir / "checkpoints"
+    if not saved_file.is_file() or not checkpoints.is_dir() or not any(
+            child.name.isdigit() for child in checkpoints.iterdir()):
+        return
+    try:
+        saved = json.loads(saved_file.read_text())
+    except (OSError, ValueError) as error:
+        raise errors.InputError(f"{saved_file} cannot be read ({error}): the checkpoints beside "
+                                "it cannot be matched to this config; use a new --workdir")
+    wanted = config.to_dict()
+    differ = []
+    for section in ("model", "head", "disc"):
+        have, want = saved.get(section, {}), wanted.get(section, {})
+        for key in sorted(want):
+            name = f"{section}.{key}"
+            if name in _RESUMABLE_MODEL_KEYS:
+                continue
+            if key not in have and name not in _SETTING_BEFORE_IT_EXISTED:
+                continue
+            old = have.get(key, _SETTING_BEFORE_IT_EXISTED.get(name))
+            if old != want[key]:
+                differ.append((name, old, want[key]))
+    old_res = saved.get("render", {}).get("resolution")
+    if old_res != config.render.resolution:
+        differ.append(("render.resolution", old_res, config.render.resolution))
+    if differ:
+        listing = ", ".join(f"{name}={old!r} there, {new!r} here" for name, old, new in differ)
+        flags = " ".join(f"--config.{name}={old}" for name, old, _ in differ)
+        raise errors.InputError(
+            f"{workdir} holds checkpoints of another network ({listing}): use a new --workdir "
+            f"for this config, or resume that run with its own settings ({flags})")
+
+
 def check_workdir(workdir: pathlib.Path) -> None:
     """Raises InputError when `workdir` exists and is not a folder (or lies under a file)."""
     for path in (workdir, *workdir.parents):
@@ -1070,7 +1118,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     workdir = pathlib.Path(workdir)
     is_main = jax.process_index() == 0
     check_workdir(workdir)       # the checks that need nothing built come before the dataset,
-    check_vgg_weights(config)    # which can take minutes to copy or synthesise
+    check_resume_config(workdir, config)    # which can take minutes to copy or synthesise
+    check_vgg_weights(config)
     check_alpha_data(config)
     source = prepare_data(config)
     num_devices = jax.local_device_count()

@@ -335,6 +335,39 @@ def test_an_alpha_seeing_discriminator_needs_a_matte_for_every_image(tmp_path):
         train.check_alpha_data(config)
 
 
+def test_resuming_another_network_is_refused_before_anything_is_written(tmp_path):
+    """A workdir whose checkpoints come from another network (here the RGB D of a run saved
+    before disc.alpha_channel existed) is a one-line error naming the setting and the flag to
+    resume it, and its config.json is left as it was; settings that do not change the
+    parameters (the training length, the compute dtype) may change on resume."""
+    import json
+    from reta3d import errors
+    old = tiny_config()
+    saved = json.loads(old.to_json_best_effort())
+    del saved["disc"]["alpha_channel"]           # a run from before the setting
+    run = tmp_path / "run"
+    (run / "checkpoints" / "300").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps(saved))
+    config = tiny_config()
+    assert config.disc.alpha_channel
+    with pytest.raises(errors.InputError, match=re.escape(
+            f"{run} holds checkpoints of another network (disc.alpha_channel=False there, True "
+            "here): use a new --workdir for this config, or resume that run with its own "
+            "settings (--config.disc.alpha_channel=False)")):
+        train.train_and_evaluate(config, run)
+    assert json.loads((run / "config.json").read_text()) == saved
+    config.disc.alpha_channel = False
+    config.train.total_kimg = 9.6
+    config.model.dtype = "bfloat16"
+    train.check_resume_config(run, config)
+    config.model.uv_resolution = 32
+    config.render.resolution = 64
+    with pytest.raises(errors.InputError, match="model.uv_resolution=16 there, 32 here.*"
+                       "render.resolution=32 there, 64 here"):
+        train.check_resume_config(run, config)
+    train.check_resume_config(tmp_path / "fresh", config)   # nothing there yet
+
+
 def test_swap_conditioning_rolls_the_batch():
     cams = jnp.arange(4 * 25, dtype=jnp.float32).reshape(4, 25)
     key = jax.random.PRNGKey(3)
