@@ -153,9 +153,10 @@ def check_vgg_weights(config) -> None:
             "--config.loss.vgg16=random to use a fixed random VGG16 explicitly.")
 
 
-# Settings that do not change the networks' parameters: a run may resume with others.
+# Settings that do not change the networks' parameters: a run may resume with others (the
+# FLAME files' paths too: a moved file is the same model).
 _RESUMABLE_MODEL_KEYS = {"model.dtype", "model.conv_clamp", "disc.conv_clamp",
-                         "disc.mbstd_group_size"}
+                         "disc.mbstd_group_size", "head.flame_model", "head.flame_uv"}
 # What a run saved before a setting existed did: its value then.
 _SETTING_BEFORE_IT_EXISTED = {"disc.alpha_channel": False}
 
