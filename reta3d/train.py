@@ -122,7 +122,8 @@ def check_alpha_data(config) -> None:
             f"config.disc.alpha_channel is True but {len(missing)} "
             f"{'image of' if len(missing) == 1 else 'images of'} {path} "
             f"{'has' if len(missing) == 1 else 'have'} no alpha channel "
-            f"(first: {path / missing[0]}): D would see them as opaque "
+            f"(first: {path / missing[0]}): D would see "
+            f"{'it' if len(missing) == 1 else 'them'} as opaque "
             "everywhere. Give every image its matte as an RGBA PNG (alpha = foreground), or "
             "pass --config.disc.alpha_channel=False")
 
@@ -1150,6 +1151,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
           f"(rasterizer backend {resolve_backend(config.render.backend)}); "
           f"{num_devices} local device(s) ({jax.devices()[0].device_kind}); "
           f"{total_steps} steps of {batch_size}", flush=True)
+    print("Discriminator: " + ("RGB + alpha (config.disc.alpha_channel; not in the paper, whose D "
+                               "sees RGB)" if sees_alpha(config) else "RGB, as the paper's"),
+          flush=True)
     hb = generator.head_binding
     print(f"Target scale γs: face e^{hb.face_log_gamma_s:.2f}, mouth e^{hb.mouth_log_gamma_s:.2f} "
           + ("(config.head.log_gamma_s)" if config.head.get("log_gamma_s") is not None else
