@@ -167,8 +167,8 @@ def check_resume_config(workdir: pathlib.Path, config) -> None:
     config.json differs from `config` in `model`, `head`, `disc` or `render.resolution`
     (other than the settings in _RESUMABLE_MODEL_KEYS). A key the saved config lacks (a run from
     before it existed) counts as what such runs did (_SETTING_BEFORE_IT_EXISTED), or is not
-    compared. Without this, the restore fails
-    deep in orbax with pages of shape errors, after the run's config.json was overwritten."""
+    compared. Without this, the restore fails deep in orbax with pages of shape errors, after
+    the run's config.json was overwritten."""
     saved_file = workdir / "config.json"
     checkpoints = workdir / "checkpoints"
     if not saved_file.is_file() or not checkpoints.is_dir() or not any(
@@ -304,8 +304,9 @@ def fake_conditions(batch):
 
 def random_batch(config, num_devices: int, per_device: int, rng):
     """A random training batch shaped as the train steps take it, for benchmarks and profiling:
-    images (D, B, R, R, C) uniform in [-1, 1] (C = `discriminator_channels`), look-at cameras (D, B, 25), FLAME fields
-    (D, B, k) float32 with the dataset's widths (100 shape, 50 expression)."""
+    images (D, B, R, R, C) uniform in [-1, 1] (C = `discriminator_channels`), look-at cameras
+    (D, B, 25), FLAME fields (D, B, k) float32 with the dataset's widths (100 shape, 50
+    expression)."""
     from rasterizer.types import look_at_eg3d_label
     n = num_devices * per_device
     res = config.render.resolution
@@ -1119,8 +1120,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     _maybe_initialize_distributed()
     workdir = pathlib.Path(workdir)
     is_main = jax.process_index() == 0
-    check_workdir(workdir)       # the checks that need nothing built come before the dataset,
-    check_resume_config(workdir, config)    # which can take minutes to copy or synthesise
+    # The checks that need nothing built come before the dataset, which can take minutes to
+    # copy or synthesise.
+    check_workdir(workdir)
+    check_resume_config(workdir, config)
     check_vgg_weights(config)
     check_alpha_data(config)
     source = prepare_data(config)
