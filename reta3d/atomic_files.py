@@ -46,6 +46,7 @@ def save_npz(path, arrays: Mapping[str, np.ndarray]) -> pathlib.Path:
 
 
 def save_png(path, image: np.ndarray) -> pathlib.Path:
-    """An (H, W, 3) or (H, W) uint8 image as PNG at `path`, atomically; returns the path."""
+    """An (H, W, 3) RGB, (H, W, 4) RGBA or (H, W) uint8 image as PNG at `path`, atomically;
+    returns the path."""
     from PIL import Image
     return write_via(path, lambda tmp: Image.fromarray(np.asarray(image)).save(tmp, format="PNG"))

@@ -34,6 +34,13 @@ def astronaut() -> np.ndarray:
     return skimage.data.astronaut()
 
 
+def astronaut_matte() -> np.ndarray:
+    """(512, 512) uint8: an ellipse around the astronaut's face, 255 inside, 0 outside."""
+    yy, xx = np.mgrid[:512, :512]
+    return np.where(((xx - 225) / 60.0) ** 2 + ((yy - 125) / 70.0) ** 2 <= 1, 255, 0
+                    ).astype(np.uint8)
+
+
 @pytest.fixture(scope="module")
 def head():
     return flame.load(), embedding_lib.template_embedding()
@@ -43,7 +50,8 @@ def head():
 def photos(tmp_path_factory) -> pathlib.Path:
     import skimage.data
     folder = tmp_path_factory.mktemp("photos")
-    Image.fromarray(astronaut()).save(folder / "astronaut.png")
+    # A matted photo (RGBA, as rembg writes): the face inside the matte, the crop's corners out.
+    Image.fromarray(np.dstack([astronaut(), astronaut_matte()])).save(folder / "astronaut.png")
     grace_hopper().save(folder / "nested_grace.jpg")
     Image.fromarray(skimage.data.coffee()).save(folder / "coffee.png")
     (folder / "broken.jpg").write_bytes(b"not a jpeg at all")
@@ -108,6 +116,35 @@ def test_preprocess_writes_a_valid_dataset_with_a_report(dataset):
         assert 2.0 < np.linalg.norm(cam2world[:3, 3]) < 3.4
         np.testing.assert_allclose(label[16:], [4.2647, 0, 0.5, 0, 4.2647, 0.5, 0, 0, 1],
                                    atol=1e-4)
+
+
+def test_a_matted_photo_gives_an_rgba_crop_with_its_matte(dataset, photos, head):
+    """The astronaut is an RGBA photo: its crop keeps the matte, cropped as the photo is (the
+    same affine and filter), and composited over white it is the crop that detection and
+    fitting saw, away from the matte's edge (where the two orders of filtering and
+    compositing differ); the RGB photo's crop stays RGB."""
+    from scipy import ndimage
+    from reta3d.fitting import crop as crop_lib
+    from reta3d.fitting import media
+    out = dataset[0]
+    report = json.loads((out / preprocess.REPORT_FILE).read_text())
+    names = {f["source"]: f.get("name") for f in report["files"]}
+    assert Image.open(out / names["nested_grace.jpg"]).mode == "RGB"
+    stored = Image.open(out / names["astronaut.png"])
+    assert stored.mode == "RGBA"
+    composite, rgba = media.load_image_and_matte(photos / "astronaut.png")
+    np.testing.assert_array_equal(rgba[..., 3], astronaut_matte())
+    model, emb = head
+    prepared = preprocess.prepare_photo(composite, preprocess.reference_points(model, emb), 256)
+    want_alpha, _ = crop_lib.crop_image(astronaut_matte(), prepared.affine, 256)
+    stored_alpha = np.asarray(stored)[..., 3]
+    np.testing.assert_array_equal(stored_alpha, want_alpha)
+    assert (stored_alpha == 0).mean() > 0.05 and (stored_alpha == 255).mean() > 0.5
+    flattened = folder_lib.load_image(out / names["astronaut.png"]).astype(int)
+    settled = (ndimage.minimum_filter(stored_alpha, 13) == ndimage.maximum_filter(stored_alpha, 13))
+    assert settled.mean() > 0.6
+    assert np.abs(flattened - prepared.crop)[settled].max() <= 2
+    assert (flattened[stored_alpha == 0] == 255).all()
 
 
 def test_preprocess_resume_keeps_what_was_written(dataset):

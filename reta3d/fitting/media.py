@@ -61,13 +61,22 @@ def load_image(path) -> np.ndarray:
     EXIF orientation is applied (ImageOps.exif_transpose), as phone cameras store pixels
     unrotated and the orientation in a tag; a malformed EXIF block only warns. Greyscale,
     palette, CMYK and 16-bit images are converted (16-bit: value / 257); an image with alpha
-    (e.g. a matted photo) is composited over white.
+    (e.g. a matted photo) is composited over white (its matte: `load_image_and_matte`).
     Multi-frame files (GIF, animated WebP) give their first frame.
     Raises FileNotFoundError for a missing path, ValueError naming the file for a directory, an
     empty, truncated, corrupt or non-image file, or one over Pillow's decompression-bomb limit.
     """
+    return load_image_and_matte(path)[0]
+
+
+def load_image_and_matte(path) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """The photo at `path` → (rgb (H, W, 3) uint8 as `load_image` gives it, rgba (H, W, 4) uint8
+    or None): for a photo with transparency (a matte from rembg or MODNet in its alpha), its
+    straight colour and alpha, upright as `rgb`; None for any other photo. Errors as
+    `load_image`."""
     from PIL import Image, ImageOps
 
+    from reta3d.data.folder import has_alpha
     path = _require_file(path)
     try:
         with Image.open(path) as image:
@@ -78,11 +87,12 @@ def load_image(path) -> np.ndarray:
                 warnings.warn(f"{path}: EXIF orientation ignored ({err})")
                 upright = image
             rgb = _to_rgb(upright)
+            rgba = np.asarray(upright.convert("RGBA")) if has_alpha(upright) else None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise InputError(f"{path}: not a readable image ({type(err).__name__}: {err})") from err
     if min(rgb.shape[:2]) < 1:
         raise InputError(f"{path}: image has no pixels ({rgb.shape})")
-    return np.ascontiguousarray(rgb)
+    return np.ascontiguousarray(rgb), None if rgba is None else np.ascontiguousarray(rgba)
 
 
 def list_images(folder) -> list[pathlib.Path]:

@@ -10,7 +10,9 @@ shape per photo, in batches of `batch_size` photos per compiled call). Horizonta
 stays the loader's job.
 
 Output (OUT):
-    images/00000.png …       the crops, resolution² RGB
+    images/00000.png …       the crops, resolution² RGB; RGBA for a photo with a matte in its
+                             alpha (its straight colour and alpha cropped alike, `matted_crop`),
+                             which a discriminator that sees alpha trains on
     dataset.json, flame.json the camera labels and FLAME fits (`reta3d.data.folder` layout)
     preprocess_report.json   one entry per input file: written (with its crop name, fit error
                              in pixels and as a fraction of the inter-ocular distance, the
@@ -147,9 +149,10 @@ class Progress:
 @dataclasses.dataclass
 class _Pending:
     source: str
-    crop: np.ndarray          # (R, R, 3) uint8
+    crop: np.ndarray          # (R, R, 3) uint8 (over white for a matted photo)
     landmarks: np.ndarray     # (68, 2) in the crop
     entry: Dict[str, Any]
+    matted: Optional[np.ndarray] = None   # (R, R, 4) uint8: what is written, if the photo had alpha
 
 
 def _read_state(path: pathlib.Path) -> Dict[str, Dict[str, Any]]:
@@ -326,6 +329,16 @@ def prepare_photo(image: np.ndarray, reference: np.ndarray, resolution: int, *,
                          magnification=magnification, outside_fraction=float(outside))
 
 
+def matted_crop(rgba: np.ndarray, affine: np.ndarray, resolution: int) -> np.ndarray:
+    """A matted photo's crop: rgba (H, W, 4) uint8 with straight colour (as PNG stores it) →
+    (R, R, 4) uint8, colour and alpha each resampled as `crop.crop_image` resamples the photo
+    (same affine, Lanczos, reflected outside). Composited over white it matches the crop of
+    the photo composited over white, except within the filter's reach of the matte's edges."""
+    colour, _ = crop_lib.crop_image(np.ascontiguousarray(rgba[..., :3]), affine, resolution)
+    alpha, _ = crop_lib.crop_image(np.ascontiguousarray(rgba[..., 3]), affine, resolution)
+    return np.dstack([colour, alpha])
+
+
 @dataclasses.dataclass
 class PhotoFit:
     """`fit_photo`'s result: the prepared crop, its EG3D label (25,) float32, its FLAME
@@ -458,7 +471,7 @@ def preprocess_folder(images_dir, out_dir, resolution: int = DEFAULT_RESOLUTION,
         entries = []
         for i, item in enumerate(pending):
             name = item.entry["name"]
-            atomic_files.save_png(out / name, item.crop)
+            atomic_files.save_png(out / name, item.crop if item.matted is None else item.matted)
             iod = float(interocular_distance(item.landmarks))
             error = float(fit.reprojection_error_px[i])
             entry = dict(item.entry, label=[float(v) for v in fit.labels[i]],
@@ -502,7 +515,7 @@ def preprocess_folder(images_dir, out_dir, resolution: int = DEFAULT_RESOLUTION,
             break
         path = keys[key]
         try:
-            image = media.load_image(path)
+            image, rgba = media.load_image_and_matte(path)
         except (ValueError, OSError) as e:
             skip(key, "unreadable", detail=str(e))
             continue
@@ -517,7 +530,8 @@ def preprocess_folder(images_dir, out_dir, resolution: int = DEFAULT_RESOLUTION,
         entry = {"source": key, "status": "written", "name": name, "score": prepared.score,
                  "outside_fraction": prepared.outside_fraction,
                  "magnification": prepared.magnification, "notes": prepared.notes}
-        pending.append(_Pending(key, prepared.crop, prepared.landmarks, entry))
+        matted = None if rgba is None else matted_crop(rgba, prepared.affine, resolution)
+        pending.append(_Pending(key, prepared.crop, prepared.landmarks, entry, matted))
         if len(pending) == batch_size:
             flush()
     flush()
