@@ -181,7 +181,7 @@ def make_synthetic_dataset(path, num_images: int, resolution: int, seed: int = 0
     hb = binding_lib.HeadBinding.from_model(model, uv_resolution, mouth_resolution)
     geometry = texel_geometry(model, hb)
     rng = np.random.default_rng(seed)
-    straight_alpha = background == 1.0
+    straight_alpha = writes_matte(background)
 
     @jax.jit
     def render_batch(face, mouth, flame, cameras25):
@@ -234,6 +234,12 @@ def make_synthetic_dataset(path, num_images: int, resolution: int, seed: int = 0
 RECIPE_VERSION = 3
 RECIPE_FILE = "synthetic.json"
 TEMPLATE = "template_head"   # flame.load()'s name for the embedded head
+
+
+def writes_matte(background: float) -> bool:
+    """Whether `make_synthetic_dataset` with this background writes RGBA images with their
+    matte (white, 1.0: the folder reader composites over white) or RGB over it."""
+    return background == 1.0
 
 
 def recipe(num_images: int, resolution: int, seed: int = 0, background: float = 1.0,

@@ -80,24 +80,20 @@ def discriminator_channels(config) -> int:
     return 4 if sees_alpha(config) else 3
 
 
-def discriminator_view(config, color, alpha):
-    """What D sees of an image: color (B, R, R, 3) in [0, 1] → (B, R, R, 3) in [-1, 1], with
-    alpha (B, R, R) or (B, R, R, 1) in [0, 1] as a 4th channel in [-1, 1] when
-    `sees_alpha(config)` (the real images' mattes, the fakes' rendered alpha)."""
-    images = color * 2.0 - 1.0
+def discriminator_view(config, images, alpha, xp=jnp):
+    """What D sees of an image: images (..., R, R, 3) in [-1, 1], with alpha (..., R, R) or
+    (..., R, R, 1) in [0, 1] as a 4th channel in [-1, 1] when `sees_alpha(config)` (the real
+    images' mattes, the fakes' rendered alpha). xp: jnp in the steps, np on the host."""
     if not sees_alpha(config):
         return images
     alpha = alpha if alpha.ndim == images.ndim else alpha[..., None]
-    return jnp.concatenate([images, alpha * 2.0 - 1.0], axis=-1)
+    return xp.concatenate([images, alpha * 2.0 - 1.0], axis=-1).astype(images.dtype)
 
 
 def real_images(config, batch) -> np.ndarray:
-    """The loader's batch → D's view of its images, (..., R, R, 3 or 4) float32 in [-1, 1]
-    (`discriminator_view`: image already in [-1, 1], alpha in [0, 1])."""
-    if not sees_alpha(config):
-        return batch["image"]
-    return np.concatenate([batch["image"], batch["alpha"] * np.float32(2.0) - np.float32(1.0)],
-                          axis=-1).astype(np.float32)
+    """The loader's batch (image in [-1, 1], alpha in [0, 1]) → D's view of its images,
+    (..., R, R, 3 or 4) float32, on the host (`discriminator_view`)."""
+    return discriminator_view(config, batch["image"], batch["alpha"], xp=np)
 
 
 def check_alpha_data(config) -> None:
@@ -106,7 +102,8 @@ def check_alpha_data(config) -> None:
     if not sees_alpha(config):
         return
     if config.data.get("synthetic", False):
-        if config.render.background != 1.0:
+        from reta3d import synthetic
+        if not synthetic.writes_matte(config.render.background):
             raise errors.InputError(
                 "config.disc.alpha_channel is True but the synthetic dataset keeps its alpha "
                 f"only over white (config.render.background=1.0, got {config.render.background})"
@@ -365,7 +362,7 @@ def render_images(config, gaussians, cameras25, *, rgb_only: bool = False):
     out = rasterizer.render(gaussians, **_render_kwargs(config, gaussians, cameras25))
     if rgb_only:
         return out.color * 2.0 - 1.0, out.intersections
-    return discriminator_view(config, out.color, out.alpha), out.intersections
+    return discriminator_view(config, out.color * 2.0 - 1.0, out.alpha), out.intersections
 
 
 def render_images_pair(config, gaussians, gaussians_b, cameras25):
@@ -374,8 +371,8 @@ def render_images_pair(config, gaussians, gaussians_b, cameras25):
     values, another gradient path). images as D sees them; images_b RGB only (for L_ID)."""
     out, out_b = rasterizer.render_pair(gaussians, gaussians_b,
                                         **_render_kwargs(config, gaussians, cameras25))
-    return (discriminator_view(config, out.color, out.alpha), out_b.color * 2.0 - 1.0,
-            out.intersections)
+    return (discriminator_view(config, out.color * 2.0 - 1.0, out.alpha),
+            out_b.color * 2.0 - 1.0, out.intersections)
 
 
 def dropped_fraction(overflow, capacity: int):
