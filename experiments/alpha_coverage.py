@@ -5,11 +5,20 @@
 Draws `num` FLAME parameters and cameras from the synthetic dataset's distribution, renders the
 synthetic dataset's own heads there (`reta3d.synthetic.reference_alpha`: the data's alpha) and
 the model's heads for random latents (the mapping conditioned on the same camera, as in SWD).
-The silhouette is where the data's alpha exceeds 0.5; its interior is the silhouette eroded by
-2 pixels (outline mismatches left out). Prints JSON: the mean alpha inside the
-silhouette for the data and for the model, and the IoU of the two silhouettes. A model whose
-Gaussians are too small for their spacing leaves holes: its mean alpha stays well below the
-data's.
+Two silhouettes, two measures:
+
+- the data's: where the data's alpha exceeds 0.5, and its interior, that silhouette eroded by
+  2 pixels. The model's mean alpha there also drops where its head's outline differs from the
+  data's (a narrower head), so it mixes shape with see-through surface.
+- each head's own (`own_silhouette`): where its alpha exceeds 0.5, closed by 2 pixels and with
+  its holes filled, so a see-through patch inside the head still counts as inside; and its
+  interior, 2 pixels in. The mean alpha there measures see-through surface alone, for the model
+  and the data alike.
+
+Prints JSON: the mean alpha inside each for the data and for the model, the share of interior
+pixels below 0.9, the alpha outside the data's silhouette (floaters) and the IoU of the two
+silhouettes. A model whose Gaussians are too small for their spacing, or too transparent,
+leaves holes: its mean alpha stays well below the data's.
 """
 import pathlib
 import sys
@@ -24,6 +33,23 @@ FLAGS = flags.FLAGS
 cli.define_generator_flags()
 flags.DEFINE_integer("num", 32, "Heads to compare.")
 flags.DEFINE_integer("seed", 0, "Seed of the conditions and latents.")
+
+
+def own_silhouette(alpha, erode: int = 0):
+    """(B, H, W) float alpha → (B, H, W) bool: each image's silhouette, alpha > 0.5 closed by
+    2 pixels (a binary closing with a 3×3 cross, twice) with its enclosed holes filled, then
+    eroded by `erode` pixels. A hole in the middle of a head is inside its silhouette; a notch
+    in its outline wider than 4 pixels is not. The image border is not an outline: the closing
+    runs on the mask padded by its edge values (a neck cut by the frame keeps its last rows)."""
+    import numpy as np
+    from scipy import ndimage
+
+    out = []
+    for a in np.asarray(alpha):
+        padded = np.pad(a > 0.5, 3, mode="edge")
+        m = ndimage.binary_fill_holes(ndimage.binary_closing(padded, iterations=2)[3:-3, 3:-3])
+        out.append(ndimage.binary_erosion(m, iterations=erode) if erode else m)
+    return np.stack(out)
 
 
 def alpha_coverage(config, generator, g_vars, num: int, seed: int = 0):
@@ -62,6 +88,8 @@ def alpha_coverage(config, generator, g_vars, num: int, seed: int = 0):
     # The silhouette's interior (2 px in): where a head that matches the data's outline but is
     # slightly smaller or larger does not count, so what is left is see-through surface.
     interior = np.stack([ndimage.binary_erosion(m, iterations=2) for m in inside])
+    own = {name: (own_silhouette(a), own_silhouette(a, erode=2))
+           for name, a in (("data", data_alpha), ("model", alpha))}
     return {
         "num": num, "resolution": res,
         "data_alpha_in_silhouette": float(data_alpha[inside].mean()),
@@ -69,6 +97,11 @@ def alpha_coverage(config, generator, g_vars, num: int, seed: int = 0):
         "data_alpha_in_interior": float(data_alpha[interior].mean()),
         "model_alpha_in_interior": float(alpha[interior].mean()),
         "model_interior_fraction_below_0.9": float((alpha[interior] < 0.9).mean()),
+        "data_alpha_in_own_silhouette": float(data_alpha[own["data"][0]].mean()),
+        "model_alpha_in_own_silhouette": float(alpha[own["model"][0]].mean()),
+        "data_alpha_in_own_interior": float(data_alpha[own["data"][1]].mean()),
+        "model_alpha_in_own_interior": float(alpha[own["model"][1]].mean()),
+        "model_own_interior_fraction_below_0.9": float((alpha[own["model"][1]] < 0.9).mean()),
         "model_alpha_outside_silhouette": float(alpha[~inside].mean()),
         "silhouette_iou": float((inside & model_inside).sum() / max((inside | model_inside).sum(), 1)),
         "log_gamma_s": {"face": generator.head_binding.face_log_gamma_s,
