@@ -91,9 +91,10 @@ def discriminator_view(config, images, alpha, xp=jnp):
 
 
 def real_images(config, batch) -> np.ndarray:
-    """The loader's batch (image in [-1, 1], alpha in [0, 1]) → D's view of its images,
-    (..., R, R, 3 or 4) float32, on the host (`discriminator_view`)."""
-    return discriminator_view(config, batch["image"], batch["alpha"], xp=np)
+    """The loader's batch (image in [-1, 1], alpha in [0, 1]; the loader leaves alpha out
+    when D does not see it) → D's view of its images, (..., R, R, 3 or 4) float32, on the
+    host (`discriminator_view`)."""
+    return discriminator_view(config, batch["image"], batch.get("alpha"), xp=np)
 
 
 def check_alpha_data(config) -> None:
@@ -962,7 +963,9 @@ def prepare_data(config):
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
             multihost_utils.sync_global_devices("dataset prepared")
-        source = tfds_builder.load_data_source(path, config.render.resolution)
+        # The masks are decoded only for a D that sees them.
+        source = tfds_builder.load_data_source(path, config.render.resolution,
+                                               masks=sees_alpha(config))
     finally:
         absl_logging.set_verbosity(verbosity)
     print(f"Dataset {path}: {len(source)} images at {config.render.resolution}px", flush=True)
@@ -1166,7 +1169,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     loader = loader_lib.make_loader(
         source, batch_size, num_devices, seed=config.seed, flip=config.data.flip,
         shard_index=jax.process_index(), shard_count=jax.process_count(),
-        worker_count=config.data.worker_count)
+        worker_count=config.data.worker_count, alpha=sees_alpha(config))
     meta = {}
     restored = checkpointer.restore_latest(state)
     if restored is not None:

@@ -246,6 +246,21 @@ def test_a_matted_rgba_image_is_composited_over_white(dataset, tmp_path):
             seen.add((i, flipped))
     assert (1, True) in seen and (1, False) in seen
 
+    # For an RGB discriminator the masks stay encoded (bytes) in the source and out of the
+    # batches; the stream (records, flips, images) is the same, and so is its saved state.
+    rgb_only = tfds_builder.load_data_source(path, SIDE, data_dir=tmp_path / "tfds", masks=False)
+    assert isinstance(rgb_only[1]["mask"], bytes) and rgb_only[1]["mask"] == mask_png
+    with_alpha = loader_lib.make_loader(source, 2, 1, seed=1)
+    without = loader_lib.make_loader(rgb_only, 2, 1, seed=1, alpha=False)
+    for a, b in zip(_take(with_alpha, 6), _take(without, 6)):
+        assert set(a) - set(b) == {"alpha"} and "alpha" not in b
+        for key in b:
+            np.testing.assert_array_equal(a[key], b[key])
+    assert with_alpha.get_state() == without.get_state()
+    # An undecoded mask is not a mask: the loader that wants one says so.
+    with pytest.raises(ValueError, match=r"images/00000.png\): mask must be \(H, W, 1\) uint8"):
+        next(loader_lib.make_loader(rgb_only, 2, 1, seed=1, shuffle=False))
+
 
 @pytest.mark.parametrize("case", sorted(BAD_CASES))
 def test_validate_folder_names_file_and_problem(case, dataset, tmp_path):

@@ -46,9 +46,11 @@ def _seeds(seed: int) -> tuple[int, int]:
     return int(shuffle_seed), int(flip_seed)
 
 
-def _decode(element: tuple[int, Mapping[str, Any]], resolution: Optional[int]) -> dict:
+def _decode(element: tuple[int, Mapping[str, Any]], resolution: Optional[int],
+            alpha: bool = True) -> dict:
     """A source record -> image (R, R, 3) uint8, alpha (R, R, 1) uint8 (the record's mask;
-    255 everywhere for a source without masks), camera (25,) and FLAME fields float32."""
+    255 everywhere for a source without masks; not read, and absent, when alpha=False),
+    camera (25,) and FLAME fields float32."""
     index, record = element
     missing = [key for key in ("image", "camera") + FLAME_FIELDS if key not in record]
     name = record.get("filename", f"record {index}")
@@ -59,17 +61,22 @@ def _decode(element: tuple[int, Mapping[str, Any]], resolution: Optional[int]) -
     if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
         raise ValueError(f"data source element {index} ({name}): image must be (H, W, 3) "
                          f"uint8, got {image.shape} {image.dtype}")
-    alpha = np.asarray(record["mask"]) if "mask" in record else np.full(
-        image.shape[:2] + (1,), 255, np.uint8)
-    if alpha.shape != image.shape[:2] + (1,) or alpha.dtype != np.uint8:
-        raise ValueError(f"data source element {index} ({name}): mask must be (H, W, 1) uint8 "
-                         f"as its image, got {alpha.shape} {alpha.dtype}")
+    mask = None
+    if alpha:
+        mask = np.asarray(record["mask"]) if "mask" in record else np.full(
+            image.shape[:2] + (1,), 255, np.uint8)
+        if mask.shape != image.shape[:2] + (1,) or mask.dtype != np.uint8:
+            raise ValueError(f"data source element {index} ({name}): mask must be (H, W, 1) "
+                             f"uint8 as its image, got {mask.shape} {mask.dtype}")
     if resolution is not None and image.shape[:2] != (resolution, resolution):
         size = (resolution, resolution)
         image = np.asarray(Image.fromarray(image, "RGB").resize(size, Image.Resampling.LANCZOS))
-        alpha = np.asarray(Image.fromarray(alpha[..., 0], "L").resize(
-            size, Image.Resampling.LANCZOS))[..., None]
-    out = {"image": image, "alpha": alpha, "camera": np.asarray(record["camera"], np.float32)}
+        if mask is not None:
+            mask = np.asarray(Image.fromarray(mask[..., 0], "L").resize(
+                size, Image.Resampling.LANCZOS))[..., None]
+    out = {"image": image, "camera": np.asarray(record["camera"], np.float32)}
+    if mask is not None:
+        out["alpha"] = mask
     chex.assert_shape(out["camera"], (folder_format.LABEL_SIZE,))
     out.update({key: np.asarray(record[key], np.float32) for key in FLAME_FIELDS})
     out["index"] = np.int32(index)
@@ -89,16 +96,19 @@ def _apply_flip(element: dict, flipped: bool) -> dict:
     if flipped:
         flame = {key: element[key] for key in FLAME_FIELDS}
         image, camera, flame = flip_lib.flip_sample(element["image"], element["camera"], flame)
-        element = {**element, "image": image, "alpha": flip_lib.flip_image(element["alpha"]),
-                   "camera": camera, **flame}
+        element = {**element, "image": image, "camera": camera, **flame}
+        if "alpha" in element:
+            element["alpha"] = flip_lib.flip_image(element["alpha"])
     return {**element, "flipped": np.bool_(flipped)}
 
 
 def _normalise(element: dict) -> dict:
     # uint8 0..255 -> [-1, 1] (StyleGAN/EG3D convention); alpha -> [0, 1].
-    image = element["image"].astype(np.float32) / np.float32(127.5) - np.float32(1.0)
-    alpha = element["alpha"].astype(np.float32) / np.float32(255.0)
-    return {**element, "image": image, "alpha": alpha}
+    out = {**element,
+           "image": element["image"].astype(np.float32) / np.float32(127.5) - np.float32(1.0)}
+    if "alpha" in element:
+        out["alpha"] = element["alpha"].astype(np.float32) / np.float32(255.0)
+    return out
 
 
 def _split_devices(batch: dict, num_devices: int) -> dict:
@@ -106,10 +116,12 @@ def _split_devices(batch: dict, num_devices: int) -> dict:
             for key, value in batch.items()}
 
 
-def _read_host_batch(ids_and_flips, data_source, resolution: Optional[int], num_devices: int) -> dict:
+def _read_host_batch(ids_and_flips, data_source, resolution: Optional[int], num_devices: int,
+                     alpha: bool = True) -> dict:
     """(record ids (H,), flips (H,)) -> this host's batch, split over its devices."""
     ids, flips = (np.asarray(a).reshape(-1) for a in ids_and_flips)
-    elements = [_normalise(_apply_flip(_decode((int(i), data_source[int(i)]), resolution), bool(f)))
+    elements = [_normalise(_apply_flip(_decode((int(i), data_source[int(i)]), resolution, alpha),
+                                       bool(f)))
                 for i, f in zip(ids, flips)]
     batch = {key: np.stack([element[key] for element in elements]) for key in elements[0]}
     return _split_devices(batch, num_devices)
@@ -119,7 +131,7 @@ class Loader:
     """Iterator of batches {key: (num_devices, per_device_batch, ...)} with resumable state.
 
     image (D, B, H, W, 3) float32 in [-1, 1]; alpha (D, B, H, W, 1) float32 in [0, 1] (the
-    images' mattes; 1 for images without one); camera (D, B, 25) float32; shape (D, B, S),
+    images' mattes; 1 for images without one; absent from a loader made with alpha=False); camera (D, B, 25) float32; shape (D, B, S),
     expression (D, B, E), global_pose/neck_pose/jaw_pose (D, B, 3), eye_pose (D, B, 6)
     float32; index (D, B) int32 (the record's index in the source); flipped (D, B) bool.
     """
@@ -163,7 +175,7 @@ def make_loader(data_source: Sequence[Mapping[str, Any]], global_batch_size: int
                 num_devices: int, seed: int, shuffle: bool = True, flip: bool = True,
                 resolution: Optional[int] = None, shard_index: int = 0, shard_count: int = 1,
                 num_epochs: Optional[int] = None, worker_count: int = 0,
-                read_threads: int = 4, prefetch_batches: int = 4) -> Loader:
+                read_threads: int = 4, prefetch_batches: int = 4, alpha: bool = True) -> Loader:
     """The training loader over `data_source` (see the module docstring).
 
     global_batch_size: examples per step over all hosts; each host (shard_index of
@@ -176,7 +188,10 @@ def make_loader(data_source: Sequence[Mapping[str, Any]], global_batch_size: int
     remainder, a different random set each epoch, is left out). num_epochs=None repeats
     forever. resolution: resize images whose size differs (None: keep).
     worker_count > 0 decodes in that many processes (grain mp_prefetch); read_threads and
-    prefetch_batches control the in-process thread prefetch.
+    prefetch_batches control the in-process thread prefetch. alpha=False leaves the records'
+    masks unread and the batches without "alpha" (for a discriminator that sees RGB only; with
+    `tfds_builder.load_data_source(masks=False)` they are not even decoded); the stream is the
+    same either way, so it is not part of the resumable state's settings.
     """
     if num_devices <= 0 or shard_count <= 0 or not 0 <= shard_index < shard_count:
         raise ValueError(f"need num_devices > 0 and 0 <= shard_index < shard_count, got "
@@ -210,7 +225,8 @@ def make_loader(data_source: Sequence[Mapping[str, Any]], global_batch_size: int
     # Global batch j is host batches j·S … j·S + S − 1; host k keeps the k-th of each.
     dataset = dataset.batch(host_batch, drop_remainder=True)[shard_index::shard_count]
     dataset = dataset.map(functools.partial(_read_host_batch, data_source=data_source,
-                                            resolution=resolution, num_devices=num_devices))
+                                            resolution=resolution, num_devices=num_devices,
+                                            alpha=alpha))
     iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(
         num_threads=min(read_threads, prefetch_batches), prefetch_buffer_size=prefetch_batches))
     if worker_count > 0:
