@@ -1,6 +1,6 @@
 """How solid are the generated heads? Mean alpha inside the head's silhouette, model vs data.
 
-    python experiments/alpha_coverage.py --workdir=runs/demo [--num=32]
+    python experiments/alpha_coverage.py --workdir=runs/demo [--num=32] [--overlay=alpha.png]
 
 Draws `num` FLAME parameters and cameras from the synthetic dataset's distribution, renders the
 synthetic dataset's own heads there (`reta3d.synthetic.reference_alpha`: the data's alpha) and
@@ -19,6 +19,10 @@ Prints JSON: the mean alpha inside each for the data and for the model, the shar
 pixels below 0.9, the alpha outside the data's silhouette (floaters) and the IoU of the two
 silhouettes. A model whose Gaussians are too small for their spacing, or too transparent,
 leaves holes: its mean alpha stays well below the data's.
+
+--overlay writes a picture of the first 8 heads (`overlay`): the data's alpha, the model's
+alpha with its see-through pixels in red and the outline it misses in blue, and the model's
+colour over white.
 """
 import pathlib
 import sys
@@ -33,6 +37,8 @@ FLAGS = flags.FLAGS
 cli.define_generator_flags()
 flags.DEFINE_integer("num", 32, "Heads to compare.")
 flags.DEFINE_integer("seed", 0, "Seed of the conditions and latents.")
+flags.DEFINE_string("overlay", None, "Also write a PNG of the first 8 heads (see `overlay`).")
+flags.DEFINE_integer("overlay_scale", 2, "Pixel repeat of the overlay.")
 
 
 def own_silhouette(alpha, erode: int = 0):
@@ -52,8 +58,34 @@ def own_silhouette(alpha, erode: int = 0):
     return np.stack(out)
 
 
-def alpha_coverage(config, generator, g_vars, num: int, seed: int = 0):
-    """→ dict(data_alpha_in_silhouette, model_alpha_in_silhouette, silhouette_iou, ...)."""
+def overlay(data_alpha, alpha, color, scale: int = 2):
+    """A picture of where heads are see-through. data_alpha, alpha (B, H, W) float in [0, 1]:
+    the data's and the model's; color (B, H, W, 3) float in [0, 1]: the model's render over
+    white. → (3·H·scale, B·W·scale, 3) uint8, one column per head, rows:
+    1. the data's alpha (grey);
+    2. the model's alpha (grey); red: pixels 2 px inside the model's own silhouette whose alpha
+       is below 0.9 (see-through surface); blue: pixels inside the data's silhouette but
+       outside the model's own (outline: a narrower head);
+    3. the model's colour over white."""
+    import numpy as np
+
+    grey = lambda a: np.repeat(np.clip(a, 0, 1)[..., None], 3, axis=-1)
+    model = grey(alpha)
+    see_through = own_silhouette(alpha, erode=2) & (alpha < 0.9)
+    missed = (data_alpha > 0.5) & ~own_silhouette(alpha)
+    model[see_through] = (1.0, 0.0, 0.0)
+    model[missed] = (0.2, 0.4, 1.0)
+    rows = np.stack([grey(data_alpha), model, np.clip(color, 0, 1)])       # (3, B, H, W, 3)
+    r, b, h, w, _ = rows.shape
+    picture = rows.transpose(0, 2, 1, 3, 4).reshape(r * h, b * w, 3)
+    picture = picture.repeat(scale, axis=0).repeat(scale, axis=1)
+    return np.round(picture * 255).astype(np.uint8)
+
+
+def alpha_coverage(config, generator, g_vars, num: int, seed: int = 0, overlay_path=None,
+                   overlay_scale: int = 2):
+    """→ dict(data_alpha_in_silhouette, model_alpha_in_silhouette, silhouette_iou, ...);
+    with overlay_path, also writes `overlay` of the first 8 heads there (PNG, atomically)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -73,16 +105,22 @@ def alpha_coverage(config, generator, g_vars, num: int, seed: int = 0):
     z = rng.standard_normal((num, config.model.z_dim)).astype(np.float32)
 
     @jax.jit
-    def model_alpha(g_vars, z, cameras, flame):
+    def model_render(g_vars, z, cameras, flame):
         static = generator.generate_static(g_vars, z, cameras)
         gaussians, _ = generator.animate(g_vars, static, flame)
         camera = rasterizer.Camera.from_eg3d(cameras, res)
-        return rasterizer.render(gaussians, camera, backend=config.render.backend,
-                                 capacity=train.render_capacity(config, generator.num_gaussians)
-                                 ).alpha
+        out = rasterizer.render(gaussians, camera, background=jnp.ones(3),
+                                backend=config.render.backend,
+                                capacity=train.render_capacity(config, generator.num_gaussians))
+        return out.alpha, out.color
 
-    alpha = np.asarray(model_alpha(g_vars, jnp.asarray(z), jnp.asarray(cameras),
-                                   {k: jnp.asarray(v) for k, v in flame.items()}))
+    alpha, color = (np.asarray(x) for x in model_render(
+        g_vars, jnp.asarray(z), jnp.asarray(cameras),
+        {k: jnp.asarray(v) for k, v in flame.items()}))
+    if overlay_path is not None:
+        from reta3d import atomic_files
+        atomic_files.save_png(overlay_path, overlay(data_alpha[:8], alpha[:8], color[:8],
+                                                    overlay_scale))
     inside = data_alpha > 0.5
     model_inside = alpha > 0.5
     # The silhouette's interior (2 px in): where a head that matches the data's outline but is
@@ -112,7 +150,8 @@ def alpha_coverage(config, generator, g_vars, num: int, seed: int = 0):
 def main(argv):
     cli.start(argv)
     config, generator, g_vars = cli.load_generator_from_flags()
-    cli.print_json(alpha_coverage(config, generator, g_vars, FLAGS.num, FLAGS.seed))
+    cli.print_json(alpha_coverage(config, generator, g_vars, FLAGS.num, FLAGS.seed,
+                                  FLAGS.overlay, FLAGS.overlay_scale))
 
 
 if __name__ == "__main__":

@@ -63,3 +63,32 @@ def test_a_notch_wider_than_the_closing_stays_outside():
     alpha[0, 5:15, 12:18] = 0.0                            # a 6-pixel notch from the top edge
     sil = own_silhouette(alpha)[0]
     assert not sil[5:13, 13:17].any() and sil[20, 15]
+
+
+def test_overlay_marks_see_through_red_and_missed_outline_blue():
+    """Data: an opaque 16×16 square. Model: the same square 4 px narrower on the right, with a
+    see-through 4×4 patch (alpha 0.6) in its middle. Row 2 shows the patch in red and the 4 px
+    strip the model misses in blue; rows 1 and 3 are the data's alpha and the colour."""
+    overlay = _module().overlay
+    data = np.zeros((1, 24, 24), np.float32)
+    data[0, 4:20, 4:20] = 1.0
+    model = data.copy()
+    model[0, 4:20, 16:20] = 0.0                      # narrower: the outline it misses
+    model[0, 10:14, 8:12] = 0.6                      # see-through inside
+    color = np.full((1, 24, 24, 3), 0.25, np.float32)
+    picture = overlay(data, model, color, scale=1)
+    assert picture.shape == (72, 24, 3) and picture.dtype == np.uint8
+    row1, row2, row3 = picture[:24], picture[24:48], picture[48:]
+    np.testing.assert_array_equal(row1[..., 0], np.round(data[0] * 255))
+    red = (row2 == (255, 0, 0)).all(-1)
+    blue = (row2 == (51, 102, 255)).all(-1)
+    want_red = np.zeros((24, 24), bool)
+    want_red[10:14, 8:12] = True
+    want_blue = np.zeros((24, 24), bool)
+    want_blue[4:20, 16:20] = True
+    np.testing.assert_array_equal(red, want_red)
+    np.testing.assert_array_equal(blue, want_blue)
+    assert (row2[~(want_red | want_blue)] == np.round(model[0][~(want_red | want_blue)] * 255)[
+        :, None]).all()
+    assert (row3 == 64).all()
+    assert overlay(data, model, color, scale=2).shape == (144, 48, 3)
