@@ -2,10 +2,12 @@
 
     python experiments/alpha_coverage.py --workdir=runs/demo [--num=32] [--overlay=alpha.png]
 
-Draws `num` FLAME parameters and cameras from the synthetic dataset's distribution, renders the
+For a model trained on the synthetic dataset (the demo): the "data" here is always that
+dataset's head, re-rendered, never the images of a run's dataset folder. Draws `num` FLAME
+parameters and cameras from the synthetic dataset's distribution (`--seed`), renders the
 synthetic dataset's own heads there (`reta3d.synthetic.reference_alpha`: the data's alpha) and
 the model's heads for random latents (the mapping conditioned on the same camera, as in SWD).
-Two silhouettes, two measures:
+Two silhouettes, two measures (`coverage_report`):
 
 - the data's: where the data's alpha exceeds 0.5, and its interior, that silhouette eroded by
   2 pixels. The model's mean alpha there also drops where its head's outline differs from the
@@ -15,10 +17,12 @@ Two silhouettes, two measures:
   interior, 2 pixels in. The mean alpha there measures see-through surface alone, for the model
   and the data alike.
 
-Prints JSON: the mean alpha inside each for the data and for the model, the share of interior
-pixels below 0.9, the alpha outside the data's silhouette (floaters) and the IoU of the two
-silhouettes. A model whose Gaussians are too small for their spacing, or too transparent,
-leaves holes: its mean alpha stays well below the data's.
+The interiors treat the image frame as an edge (a head cut by the frame loses its last 2 rows
+there). Prints JSON: the mean alpha inside each for the data and for the model, the share of
+interior pixels below 0.9, the alpha outside the data's silhouette (floaters), the IoU of the
+two silhouettes, and the map's ln γs (the generator's target scale, for reference). A model
+whose Gaussians are too small for their spacing, or too transparent, leaves holes: its mean
+alpha stays well below the data's.
 
 --overlay writes a picture of the first 8 heads (`overlay`): the data's alpha, the model's
 alpha with its see-through pixels in red and the outline it misses in blue, and the model's
@@ -31,22 +35,24 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from absl import flags  # noqa: E402
 
-from reta3d import cli  # noqa: E402
+from reta3d import cli, errors  # noqa: E402
 
 FLAGS = flags.FLAGS
 cli.define_generator_flags()
-flags.DEFINE_integer("num", 32, "Heads to compare.")
-flags.DEFINE_integer("seed", 0, "Seed of the conditions and latents.")
+flags.DEFINE_integer("num", 32, "Heads to compare.", lower_bound=1)
+flags.DEFINE_integer("seed", 0, "Seed of the FLAME parameters, cameras and latents (not the "
+                     "training seed).")
 flags.DEFINE_string("overlay", None, "Also write a PNG of the first 8 heads (see `overlay`).")
-flags.DEFINE_integer("overlay_scale", 2, "Pixel repeat of the overlay.")
+flags.DEFINE_integer("overlay_scale", 2, "Pixel repeat of the overlay.", lower_bound=1)
 
 
 def own_silhouette(alpha, erode: int = 0):
     """(B, H, W) float alpha → (B, H, W) bool: each image's silhouette, alpha > 0.5 closed by
     2 pixels (a binary closing with a 3×3 cross, twice) with its enclosed holes filled, then
     eroded by `erode` pixels. A hole in the middle of a head is inside its silhouette; a notch
-    in its outline wider than 4 pixels is not. The image border is not an outline: the closing
-    runs on the mask padded by its edge values (a neck cut by the frame keeps its last rows)."""
+    in its outline wider than 4 pixels is not. The closing runs on the mask padded by its edge
+    values, so it does not eat into a neck cut by the frame; the erosion (scipy's default)
+    treats the frame as outside."""
     import numpy as np
     from scipy import ndimage
 
@@ -56,6 +62,40 @@ def own_silhouette(alpha, erode: int = 0):
         m = ndimage.binary_fill_holes(ndimage.binary_closing(padded, iterations=2)[3:-3, 3:-3])
         out.append(ndimage.binary_erosion(m, iterations=erode) if erode else m)
     return np.stack(out)
+
+
+def coverage_report(data_alpha, alpha) -> dict:
+    """The measures of the module docstring. data_alpha, alpha (B, H, W) float in [0, 1]: the
+    data's and the model's alpha for the same FLAME parameters and cameras → {name: float}."""
+    import numpy as np
+    from scipy import ndimage
+
+    data_alpha, alpha = np.asarray(data_alpha), np.asarray(alpha)
+    if data_alpha.shape != alpha.shape or data_alpha.ndim != 3:
+        raise ValueError(f"need two (B, H, W) alphas of one shape, got {data_alpha.shape} and "
+                         f"{alpha.shape}")
+    inside = data_alpha > 0.5
+    model_inside = alpha > 0.5
+    # The data silhouette's interior (2 px in): where a head that matches the data's outline
+    # but is slightly smaller or larger does not count.
+    interior = np.stack([ndimage.binary_erosion(m, iterations=2) for m in inside])
+    own = {name: (own_silhouette(a), own_silhouette(a, erode=2))
+           for name, a in (("data", data_alpha), ("model", alpha))}
+    return {
+        "data_alpha_in_silhouette": float(data_alpha[inside].mean()),
+        "model_alpha_in_silhouette": float(alpha[inside].mean()),
+        "data_alpha_in_interior": float(data_alpha[interior].mean()),
+        "model_alpha_in_interior": float(alpha[interior].mean()),
+        "model_interior_fraction_below_0.9": float((alpha[interior] < 0.9).mean()),
+        "data_alpha_in_own_silhouette": float(data_alpha[own["data"][0]].mean()),
+        "model_alpha_in_own_silhouette": float(alpha[own["model"][0]].mean()),
+        "data_alpha_in_own_interior": float(data_alpha[own["data"][1]].mean()),
+        "model_alpha_in_own_interior": float(alpha[own["model"][1]].mean()),
+        "model_own_interior_fraction_below_0.9": float((alpha[own["model"][1]] < 0.9).mean()),
+        "model_alpha_outside_silhouette": float(alpha[~inside].mean()),
+        "silhouette_iou": float((inside & model_inside).sum()
+                                / max((inside | model_inside).sum(), 1)),
+    }
 
 
 def overlay(data_alpha, alpha, color, scale: int = 2):
@@ -84,12 +124,12 @@ def overlay(data_alpha, alpha, color, scale: int = 2):
 
 def alpha_coverage(config, generator, g_vars, num: int, seed: int = 0, overlay_path=None,
                    overlay_scale: int = 2):
-    """→ dict(data_alpha_in_silhouette, model_alpha_in_silhouette, silhouette_iou, ...);
-    with overlay_path, also writes `overlay` of the first 8 heads there (PNG, atomically)."""
+    """Renders `num` heads of the model and of the synthetic data → `coverage_report` with
+    num, resolution and ln γs; with overlay_path, also writes `overlay` of the first 8 heads
+    there (PNG, atomically)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from scipy import ndimage
 
     import rasterizer
     from reta3d import synthetic, train
@@ -121,34 +161,17 @@ def alpha_coverage(config, generator, g_vars, num: int, seed: int = 0, overlay_p
         from reta3d import atomic_files
         atomic_files.save_png(overlay_path, overlay(data_alpha[:8], alpha[:8], color[:8],
                                                     overlay_scale))
-    inside = data_alpha > 0.5
-    model_inside = alpha > 0.5
-    # The silhouette's interior (2 px in): where a head that matches the data's outline but is
-    # slightly smaller or larger does not count, so what is left is see-through surface.
-    interior = np.stack([ndimage.binary_erosion(m, iterations=2) for m in inside])
-    own = {name: (own_silhouette(a), own_silhouette(a, erode=2))
-           for name, a in (("data", data_alpha), ("model", alpha))}
-    return {
-        "num": num, "resolution": res,
-        "data_alpha_in_silhouette": float(data_alpha[inside].mean()),
-        "model_alpha_in_silhouette": float(alpha[inside].mean()),
-        "data_alpha_in_interior": float(data_alpha[interior].mean()),
-        "model_alpha_in_interior": float(alpha[interior].mean()),
-        "model_interior_fraction_below_0.9": float((alpha[interior] < 0.9).mean()),
-        "data_alpha_in_own_silhouette": float(data_alpha[own["data"][0]].mean()),
-        "model_alpha_in_own_silhouette": float(alpha[own["model"][0]].mean()),
-        "data_alpha_in_own_interior": float(data_alpha[own["data"][1]].mean()),
-        "model_alpha_in_own_interior": float(alpha[own["model"][1]].mean()),
-        "model_own_interior_fraction_below_0.9": float((alpha[own["model"][1]] < 0.9).mean()),
-        "model_alpha_outside_silhouette": float(alpha[~inside].mean()),
-        "silhouette_iou": float((inside & model_inside).sum() / max((inside | model_inside).sum(), 1)),
-        "log_gamma_s": {"face": generator.head_binding.face_log_gamma_s,
-                        "mouth": generator.head_binding.mouth_log_gamma_s},
-    }
+        print(f"Overlay of {min(num, 8)} heads written to {overlay_path}", file=sys.stderr)
+    return {"num": num, "resolution": res, **coverage_report(data_alpha, alpha),
+            "log_gamma_s": {"face": generator.head_binding.face_log_gamma_s,
+                            "mouth": generator.head_binding.mouth_log_gamma_s}}
 
 
 def main(argv):
     cli.start(argv)
+    if FLAGS.overlay is not None and pathlib.Path(FLAGS.overlay).is_dir():
+        raise errors.InputError(f"--overlay {FLAGS.overlay} is a folder: give a file name, "
+                                "e.g. alpha.png")
     config, generator, g_vars = cli.load_generator_from_flags()
     cli.print_json(alpha_coverage(config, generator, g_vars, FLAGS.num, FLAGS.seed,
                                   FLAGS.overlay, FLAGS.overlay_scale))

@@ -201,8 +201,17 @@ def start(argv) -> None:
 
 def load_generator_from_flags(flag_values=FLAGS):
     """`reta3d.inference.load_generator` from the generator flags → (config, generator,
-    g_vars)."""
+    g_vars). Raises `app.UsageError` unless exactly one of --workdir / --config is given, and
+    --config with --random_init."""
     from reta3d import inference
+    given = [name for name in ("workdir", "config") if flag_values[name].value is not None]
+    if len(given) != 1:
+        raise app.UsageError(
+            "pass --workdir=RUN (a trained model) or --config=FILE --random_init (random "
+            "weights), " + ("not both" if given else "got neither"))
+    if given == ["config"] and not flag_values.random_init:
+        raise app.UsageError("--config alone has no trained weights: add --random_init for "
+                             "random ones, or pass --workdir=RUN of a trained model")
     return inference.load_generator(workdir=flag_values.workdir, config=flag_values.config,
                                     random_init=flag_values.random_init,
                                     seed=flag_values.init_seed)

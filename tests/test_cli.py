@@ -79,6 +79,8 @@ SCRIPT_FLAGS = {
     "benchmark_rasterizer": ("repeats", "warmup", "capacity", "num_gaussians"),
     "benchmark_train": ("repeats", "warmup", "configs"),
     "render_head": ("flame_model", "flame_uv", "out", "image_size"),
+    "alpha_coverage": ("workdir", "config", "random_init", "num", "seed", "overlay",
+                       "overlay_scale"),
 }
 
 
@@ -113,6 +115,15 @@ def test_every_script_lists_its_flags_in_help():
      "error: --seeds=3-1: the range '3-1' ends before it starts (write 1-3)"),
     ("sample.py", ["--workdir={tmp}"],
      "error: {tmp}/config.json not found: {tmp} is not a training workdir"),
+    ("sample.py", [],
+     "usage error: pass --workdir=RUN (a trained model) or --config=FILE --random_init (random "
+     "weights), got neither"),
+    ("alpha_coverage.py", ["--config=configs/demo.py"],
+     "usage error: --config alone has no trained weights: add --random_init"),
+    ("alpha_coverage.py", ["--workdir={tmp}", "--overlay={tmp}"],
+     "error: --overlay {tmp} is a folder: give a file name"),
+    ("alpha_coverage.py", ["--workdir={tmp}", "--num=0"],
+     "usage error: flag --num=0: 0 is not a positive integer"),
     ("preprocess.py", ["--images={tmp}/photos", "--out={tmp}/data"],
      "usage error: --images: no such folder: {tmp}/photos"),
     ("../launch.py", ["--config=configs/demo.py", "--workdir={tmp}/run",
