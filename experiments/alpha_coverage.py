@@ -46,29 +46,38 @@ flags.DEFINE_string("overlay", None, "Also write a PNG of the first 8 heads (see
 flags.DEFINE_integer("overlay_scale", 2, "Pixel repeat of the overlay.", lower_bound=1)
 
 
+def eroded(masks, pixels: int):
+    """(B, H, W) bool → each mask eroded by `pixels` (a 3×3 cross, repeated); the image frame
+    counts as outside (scipy's default)."""
+    import numpy as np
+    from scipy import ndimage
+
+    return np.stack([ndimage.binary_erosion(m, iterations=pixels) if pixels else m
+                     for m in np.asarray(masks)])
+
+
 def own_silhouette(alpha, erode: int = 0):
     """(B, H, W) float alpha → (B, H, W) bool: each image's silhouette, alpha > 0.5 closed by
     2 pixels (a binary closing with a 3×3 cross, twice) with its enclosed holes filled, then
     eroded by `erode` pixels. A hole in the middle of a head is inside its silhouette; a notch
     in its outline wider than 4 pixels is not. The closing runs on the mask padded by its edge
-    values, so it does not eat into a neck cut by the frame; the erosion (scipy's default)
-    treats the frame as outside."""
+    values, so it does not eat into a neck cut by the frame; the erosion (`eroded`) treats the
+    frame as outside."""
     import numpy as np
     from scipy import ndimage
 
     out = []
     for a in np.asarray(alpha):
         padded = np.pad(a > 0.5, 3, mode="edge")
-        m = ndimage.binary_fill_holes(ndimage.binary_closing(padded, iterations=2)[3:-3, 3:-3])
-        out.append(ndimage.binary_erosion(m, iterations=erode) if erode else m)
-    return np.stack(out)
+        out.append(ndimage.binary_fill_holes(
+            ndimage.binary_closing(padded, iterations=2)[3:-3, 3:-3]))
+    return eroded(np.stack(out), erode)
 
 
 def coverage_report(data_alpha, alpha) -> dict:
     """The measures of the module docstring. data_alpha, alpha (B, H, W) float in [0, 1]: the
     data's and the model's alpha for the same FLAME parameters and cameras → {name: float}."""
     import numpy as np
-    from scipy import ndimage
 
     data_alpha, alpha = np.asarray(data_alpha), np.asarray(alpha)
     if data_alpha.shape != alpha.shape or data_alpha.ndim != 3:
@@ -78,9 +87,11 @@ def coverage_report(data_alpha, alpha) -> dict:
     model_inside = alpha > 0.5
     # The data silhouette's interior (2 px in): where a head that matches the data's outline
     # but is slightly smaller or larger does not count.
-    interior = np.stack([ndimage.binary_erosion(m, iterations=2) for m in inside])
-    own = {name: (own_silhouette(a), own_silhouette(a, erode=2))
-           for name, a in (("data", data_alpha), ("model", alpha))}
+    interior = eroded(inside, 2)
+    own = {}
+    for name, a in (("data", data_alpha), ("model", alpha)):
+        silhouette = own_silhouette(a)
+        own[name] = (silhouette, eroded(silhouette, 2))
     return {
         "data_alpha_in_silhouette": float(data_alpha[inside].mean()),
         "model_alpha_in_silhouette": float(alpha[inside].mean()),
@@ -111,8 +122,9 @@ def overlay(data_alpha, alpha, color, scale: int = 2):
 
     grey = lambda a: np.repeat(np.clip(a, 0, 1)[..., None], 3, axis=-1)
     model = grey(alpha)
-    see_through = own_silhouette(alpha, erode=2) & (alpha < 0.9)
-    missed = (data_alpha > 0.5) & ~own_silhouette(alpha)
+    silhouette = own_silhouette(alpha)
+    see_through = eroded(silhouette, 2) & (alpha < 0.9)
+    missed = (data_alpha > 0.5) & ~silhouette
     model[see_through] = (1.0, 0.0, 0.0)
     model[missed] = (0.2, 0.4, 1.0)
     rows = np.stack([grey(data_alpha), model, np.clip(color, 0, 1)])       # (3, B, H, W, 3)

@@ -131,8 +131,8 @@ class Loader:
     """Iterator of batches {key: (num_devices, per_device_batch, ...)} with resumable state.
 
     image (D, B, H, W, 3) float32 in [-1, 1]; alpha (D, B, H, W, 1) float32 in [0, 1] (the
-    images' mattes; 1 for images without one; absent from a loader made with alpha=False); camera (D, B, 25) float32; shape (D, B, S),
-    expression (D, B, E), global_pose/neck_pose/jaw_pose (D, B, 3), eye_pose (D, B, 6)
+    images' mattes; 1 for images without one; absent from a loader made with alpha=False);
+    camera (D, B, 25) float32; shape (D, B, S), expression (D, B, E), global_pose/neck_pose/jaw_pose (D, B, 3), eye_pose (D, B, 6)
     float32; index (D, B) int32 (the record's index in the source); flipped (D, B) bool.
     """
 
