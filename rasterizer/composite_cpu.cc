@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -308,6 +309,46 @@ ffi::Error check_shapes(const ffi::AnyBuffer& means2d, const ffi::AnyBuffer& col
   return ffi::Error::Success();
 }
 
+// The binning's invariants, checked before any pointer is formed from them: every tile's
+// [start, end) lies in [0, K] and every id read there is a Gaussian in [0, N); the backward's
+// last composited positions lie in their tile's range (or are -1). An index outside them
+// (inputs not from `bin_gaussians`, or a bug upstream) is an error raised in Python, never a
+// read or a gradient written outside the buffers. O(K + T + pixels): small beside compositing.
+ffi::Error check_bins(const Shapes& s, const int32_t* ids, const int32_t* ranges,
+                      const int32_t* last) {
+  for (int64_t b = 0; b < s.batch; ++b)
+    for (int64_t tile = 0; tile < s.tiles; ++tile) {
+      const int32_t start = ranges[2 * (b * s.tiles + tile)],
+                    end = ranges[2 * (b * s.tiles + tile) + 1];
+      if (start < 0 || end < start || end > s.capacity)
+        return ffi::Error::InvalidArgument(
+            "composite_cpu: tile_ranges outside [0, capacity] or decreasing (image " +
+            std::to_string(b) + ", tile " + std::to_string(tile) + ": [" +
+            std::to_string(start) + ", " + std::to_string(end) + "), capacity " +
+            std::to_string(s.capacity) + ")");
+      for (int32_t k = start; k < end; ++k) {
+        const int32_t id = ids[b * s.capacity + k];
+        if (id < 0 || id >= s.num)
+          return ffi::Error::InvalidArgument(
+              "composite_cpu: gaussian_ids[" + std::to_string(b) + ", " + std::to_string(k) +
+              "] = " + std::to_string(id) + " is not a Gaussian (N = " +
+              std::to_string(s.num) + ")");
+      }
+      if (last == nullptr) continue;
+      const int64_t x0 = (tile % s.tiles_x) * kTile, y0 = (tile / s.tiles_x) * kTile;
+      for (int64_t y = y0; y < std::min(y0 + kTile, s.height); ++y)
+        for (int64_t x = x0; x < std::min(x0 + kTile, s.width); ++x) {
+          const int32_t k = last[(b * s.height + y) * s.width + x];
+          if (k != -1 && (k < start || k >= end))
+            return ffi::Error::InvalidArgument(
+                "composite_cpu: last composited position " + std::to_string(k) +
+                " outside its tile's range [" + std::to_string(start) + ", " +
+                std::to_string(end) + ")");
+        }
+    }
+  return ffi::Error::Success();
+}
+
 template <typename T>
 Inputs<T> typed_inputs(const ffi::AnyBuffer& means2d, const ffi::AnyBuffer& conics,
                        const ffi::AnyBuffer& opacities, const ffi::AnyBuffer& colors,
@@ -402,6 +443,9 @@ ffi::Error ForwardImpl(ffi::AnyBuffer means2d, ffi::AnyBuffer conics, ffi::AnyBu
   Shapes s;
   if (auto e = check_shapes(means2d, colors, ids, ranges, width, height, s); e.failure())
     return e;
+  if (auto e = check_bins(s, ids.typed_data<int32_t>(), ranges.typed_data<int32_t>(), nullptr);
+      e.failure())
+    return e;
   return by_dtype(means2d.element_type(), [&](auto zero) {
     using T = decltype(zero);
     forward_typed<T>(
@@ -424,6 +468,10 @@ ffi::Error BackwardImpl(ffi::AnyBuffer means2d, ffi::AnyBuffer conics, ffi::AnyB
                         ffi::Result<ffi::AnyBuffer> d_background) {
   Shapes s;
   if (auto e = check_shapes(means2d, colors, ids, ranges, width, height, s); e.failure())
+    return e;
+  if (auto e = check_bins(s, ids.typed_data<int32_t>(), ranges.typed_data<int32_t>(),
+                          last.typed_data<int32_t>());
+      e.failure())
     return e;
   return by_dtype(means2d.element_type(), [&](auto zero) {
     using T = decltype(zero);

@@ -730,7 +730,21 @@ def warm_up_steps(config, generator, discriminator, vgg_features, state, batch, 
 
 
 def unreplicate(tree):
+    """The first replica of a replicated tree, as device arrays (one gather per leaf)."""
     return jax.tree_util.tree_map(lambda x: x[0], tree)
+
+
+def host_replica(tree):
+    """The first local replica of a replicated tree as numpy arrays, copied from device 0's
+    buffers without any device computation: `jax.device_get(unreplicate(tree))` dispatches
+    one gather per leaf (808 for the demo's state, about 1 s at the first checkpoint, 7 ms
+    this way)."""
+    def first(x):
+        if isinstance(x, jax.Array):
+            x = x.addressable_shards[0].data   # (1, ...) on CPU and GPU alike
+        # A copy: on the CPU np.asarray can alias the device buffer, which the next step donates.
+        return np.array(np.asarray(x)[0])
+    return jax.tree_util.tree_map(first, tree)
 
 
 def train_iteration(steps, state, batch, ema_decay, step: int, r1_interval: int):
@@ -1306,7 +1320,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         change_capacity(new, at_step)
 
     def save(step):
-        host_state = jax.device_get(unreplicate(state))
+        host_state = host_replica(state)
         meta.pop("loader", None)   # a single-process checkpoint's key (still read on resume)
         meta["loaders"] = _all_loader_states(loader.get_state())
         meta["kimg"] = step * batch_size / 1000

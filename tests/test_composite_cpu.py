@@ -148,3 +148,37 @@ def test_dtype_and_shape_errors():
     args[3] = args[3][..., :2]  # 2 color channels against a 3-channel background
     with pytest.raises(AssertionError, match=r"\(1, 3\) but expected \(1, 2\)"):
         composite_cpu(*args, w, h)
+
+
+@needs_compiler
+def test_bins_outside_the_buffers_are_an_error_not_a_stray_read():
+    """gaussian_ids and tile_ranges index the other inputs and the gradient buffers in C++:
+    an id outside [0, N) or a range outside [0, K] is refused with its position, forward and
+    backward, before any of it is read; well-formed bins on the same inputs composite."""
+    from rasterizer.composite_cpu import composite_cpu
+    b, n, w, h, k = 1, 4, 16, 16, 8
+    rng = np.random.default_rng(0)
+    floats = [jnp.full((b, n, 2), 8.5, jnp.float32),   # at pixel (8, 8)'s centre
+              jnp.tile(jnp.asarray([0.05, 0.0, 0.05], jnp.float32), (b, n, 1)),
+              jnp.full((b, n), 0.5, jnp.float32),
+              jnp.asarray(rng.uniform(size=(b, n, 3)), jnp.float32),
+              jnp.arange(1.0, n + 1.0, dtype=jnp.float32)[None], jnp.ones((b, 3), jnp.float32)]
+    ids = jnp.asarray([[0, 1, 2, 3, 0, 0, 0, 0]], jnp.int32)
+    good = jnp.asarray([[[0, 4]]], jnp.int32)
+    color, alpha, _ = composite_cpu(*floats, ids, good, w, h)
+    assert float(alpha[0, 8, 8]) == pytest.approx(1 - 0.5 ** 4, rel=1e-5)
+
+    def run(ids, ranges):
+        def loss(f):
+            return jnp.sum(composite_cpu(*f, ids, ranges, w, h)[0])
+        return jax.block_until_ready(jax.grad(loss)(floats))
+    run(ids, good)
+    for bad_ids, ranges, message in (
+            (ids.at[0, 2].set(n), good, r"gaussian_ids\[0, 2\] = 4 is not a Gaussian \(N = 4\)"),
+            (ids.at[0, 1].set(-7), good, r"gaussian_ids\[0, 1\] = -7"),
+            (ids, jnp.asarray([[[0, k + 1]]], jnp.int32), r"tile_ranges outside \[0, capacity\]"),
+            (ids, jnp.asarray([[[3, 2]]], jnp.int32), r"\[3, 2\), capacity 8")):
+        with pytest.raises(Exception, match=message):
+            jax.block_until_ready(composite_cpu(*floats, bad_ids, ranges, w, h))
+        with pytest.raises(Exception, match=message):
+            run(bad_ids, ranges)

@@ -371,6 +371,28 @@ def test_resuming_another_network_is_refused_before_anything_is_written(tmp_path
     train.check_resume_config(tmp_path / "fresh", config)   # nothing there yet
 
 
+def test_host_replica_is_the_first_replica_as_numpy_copies():
+    """What a checkpoint saves: device 0's copy of each leaf (pmapped over 2 devices, one
+    replica changed after replicating so that the replicas differ), as numpy arrays."""
+    assert jax.local_device_count() == 2
+    tree = {"w": jnp.arange(6.0).reshape(2, 3), "step": jnp.asarray(7, jnp.int32),
+            "nested": (jnp.ones((4,), jnp.bfloat16),)}
+    replicated = train.replicate(tree)
+    replicated = jax.pmap(lambda t, i: jax.tree_util.tree_map(lambda x: x + i.astype(x.dtype),
+                                                                t))(
+        replicated, jnp.arange(2))   # replica 1 = replica 0 + 1
+    host = train.host_replica(replicated)
+    expected = jax.device_get(train.unreplicate(replicated))
+    for got, want, source in zip(jax.tree_util.tree_leaves(host),
+                                 jax.tree_util.tree_leaves(expected),
+                                 jax.tree_util.tree_leaves(tree)):
+        assert isinstance(got, np.ndarray) and got.dtype == source.dtype
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(got, np.asarray(source))   # replica 0, not 1
+        assert got.flags.writeable   # a copy: a view of a device buffer is read-only
+    assert train.host_replica({"a": np.asarray([[1, 2], [3, 4]])})["a"].tolist() == [1, 2]
+
+
 def test_swap_conditioning_rolls_the_batch():
     cams = jnp.arange(4 * 25, dtype=jnp.float32).reshape(4, 25)
     key = jax.random.PRNGKey(3)
